@@ -1,0 +1,82 @@
+"""trio-events: an actor-model event dispatcher on Trio.
+
+Streams of events are appended to a durable log and fanned out in real time to subscribers,
+with backpressure from bounded queues and clean shutdown from structured concurrency::
+
+    import trio_events as te
+
+    async with te.open_event_stream("conv-1") as stream:
+        stream.subscribe("ui", print, "printer")
+        await stream.publish({"text": "hi"}, source=te.EventSource.USER, type="chat.message")
+"""
+
+from .errors import (
+    EventDecodeError,
+    EventEncodeError,
+    EventNotFound,
+    EventTooLarge,
+    HistoryTruncated,
+    InvalidStreamId,
+    StreamClosed,
+    SubscriberDisconnected,
+    TrioEventsError,
+)
+from .events import (
+    Event,
+    EventSource,
+    PayloadRegistry,
+    decode_event,
+    default_registry,
+    encode_event,
+    event_from_dict,
+    event_to_dict,
+    event_type,
+)
+from .filters import EventFilter
+from .secrets import MASK
+from .store import EventStore, MemoryStore, StreamLog, check_stream_id
+from .stream import EventStream, StreamStats, open_event_stream
+from .subscribers import (
+    Overflow,
+    SubscriberState,
+    SubscriberStats,
+    Subscription,
+    Supervision,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MASK",
+    "Event",
+    "EventDecodeError",
+    "EventEncodeError",
+    "EventFilter",
+    "EventNotFound",
+    "EventSource",
+    "EventStore",
+    "EventStream",
+    "EventTooLarge",
+    "HistoryTruncated",
+    "InvalidStreamId",
+    "MemoryStore",
+    "Overflow",
+    "PayloadRegistry",
+    "StreamClosed",
+    "StreamLog",
+    "StreamStats",
+    "SubscriberDisconnected",
+    "SubscriberState",
+    "SubscriberStats",
+    "Subscription",
+    "Supervision",
+    "TrioEventsError",
+    "check_stream_id",
+    "decode_event",
+    "default_registry",
+    "encode_event",
+    "event_from_dict",
+    "event_to_dict",
+    "event_type",
+    "open_event_stream",
+]

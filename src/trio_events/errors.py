@@ -1,0 +1,93 @@
+"""Exceptions raised by trio-events.
+
+Every exception says what went wrong and what to do about it. The bases are standard ones
+(`ValueError`, `LookupError`, ...) so that code which already handles those keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EventDecodeError",
+    "EventEncodeError",
+    "EventNotFound",
+    "EventTooLarge",
+    "HistoryTruncated",
+    "InvalidStreamId",
+    "StreamClosed",
+    "SubscriberDisconnected",
+    "TrioEventsError",
+]
+
+
+class TrioEventsError(Exception):
+    """Base class of the errors specific to trio-events."""
+
+
+class StreamClosed(TrioEventsError):
+    """The stream has been closed: it accepts no more publishes or subscriptions."""
+
+
+class EventTooLarge(TrioEventsError, ValueError):
+    """An encoded event is bigger than the stream's `max_event_bytes`."""
+
+    def __init__(self, size: int, limit: int, type: str) -> None:
+        super().__init__(
+            f"event of type {type!r} encodes to {size} bytes, over this stream's "
+            f"max_event_bytes={limit}; store large blobs elsewhere and publish a reference, "
+            f"or open the stream with a larger max_event_bytes"
+        )
+        self.size = size
+        self.limit = limit
+        self.type = type
+
+
+class EventEncodeError(TrioEventsError, TypeError):
+    """A payload cannot be encoded as JSON (or is not a registered or dict payload)."""
+
+
+class EventDecodeError(TrioEventsError, ValueError):
+    """Stored or received bytes are not a valid event."""
+
+
+class InvalidStreamId(TrioEventsError, ValueError):
+    """A stream id is not of the form ``[A-Za-z0-9._-]{1,128}`` (and not ``.`` or ``..``)."""
+
+
+class EventNotFound(TrioEventsError, LookupError):
+    """No event with this id exists in the stream."""
+
+
+class HistoryTruncated(EventNotFound):
+    """Events that were asked for are older than what the store retains.
+
+    Attributes:
+        first_id: The earliest id the store still has.
+        requested: The id that was asked for.
+    """
+
+    def __init__(self, requested: int, first_id: int) -> None:
+        super().__init__(
+            f"events {requested}..{first_id - 1} are no longer retained by the store "
+            f"(retention removed them); the earliest retained id is {first_id}, "
+            f"so start at {first_id} or later"
+        )
+        self.requested = requested
+        self.first_id = first_id
+
+
+class SubscriberDisconnected(TrioEventsError):
+    """A subscription with the ``DISCONNECT`` overflow policy fell behind and was stopped.
+
+    Nothing was lost: subscribe again with ``after=last_id`` to resume.
+
+    Attributes:
+        last_id: The id of the last event this subscription delivered (``-1`` if none).
+    """
+
+    def __init__(self, last_id: int, buffer: int) -> None:
+        super().__init__(
+            f"subscription fell more than buffer={buffer} events behind and was disconnected "
+            f"(overflow=DISCONNECT); resume with after={last_id}, or use a larger buffer "
+            f"or overflow=CATCH_UP"
+        )
+        self.last_id = last_id

@@ -1,0 +1,131 @@
+"""`MemoryStore`: histories kept in this process's memory, optionally bounded."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import trio
+
+from ..errors import HistoryTruncated
+from ..events import Event, PayloadRegistry
+from .base import check_stream_id
+
+__all__ = ["MemoryStore", "MemoryStreamLog"]
+
+
+class MemoryStreamLog:
+    """One stream's history in a `MemoryStore`."""
+
+    __slots__ = ("_epoch", "_events", "_first_id", "_max_events", "_offset", "_open")
+
+    def __init__(self, max_events: int | None) -> None:
+        self._epoch = uuid.uuid4().hex
+        # _events[_offset:] are retained; ids are dense: event n is at _offset + n - _first_id.
+        self._events: list[Event] = []
+        self._offset = 0
+        self._first_id = 0
+        self._max_events = max_events
+        self._open = False
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def first_id(self) -> int:
+        return self._first_id
+
+    @property
+    def last_id(self) -> int:
+        return self._first_id + len(self._events) - self._offset - 1
+
+    async def append(self, events: Sequence[Event]) -> None:
+        # Checkpoint first: a cancelled append must have stored nothing.
+        await trio.lowlevel.checkpoint()
+        if events and events[0].id != self.last_id + 1:
+            raise ValueError(
+                f"append must continue the log densely: expected id {self.last_id + 1}, "
+                f"got {events[0].id}"
+            )
+        self._events.extend(events)
+        if self._max_events is not None:
+            excess = len(self._events) - self._offset - self._max_events
+            if excess > 0:
+                self._offset += excess
+                self._first_id += excess
+                # Compact only once the dead prefix is as long as the live part: amortised O(1).
+                if self._offset >= len(self._events) - self._offset:
+                    del self._events[: self._offset]
+                    self._offset = 0
+
+    async def read(
+        self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
+    ) -> Sequence[Event]:
+        await trio.lowlevel.checkpoint()
+        return self._read(start_id, end_id, reverse, limit)
+
+    def _read(self, start_id: int, end_id: int, reverse: bool, limit: int) -> list[Event]:
+        end_id = min(end_id, self.last_id)
+        if start_id > end_id or limit <= 0:
+            return []
+        first = self._first_id
+        base = self._offset - first
+        if not reverse:
+            if start_id < first:
+                raise HistoryTruncated(start_id, first)
+            stop = min(end_id, start_id + limit - 1)
+            return self._events[base + start_id : base + stop + 1]
+        if end_id < first:
+            raise HistoryTruncated(end_id, first)
+        low = max(start_id, end_id - limit + 1, first)
+        chunk = self._events[base + low : base + end_id + 1]
+        chunk.reverse()
+        return chunk
+
+    async def aclose(self) -> None:
+        self._open = False
+        await trio.lowlevel.checkpoint()
+
+
+class MemoryStore:
+    """Keeps every stream's history in memory, for tests and ephemeral streams.
+
+    Histories outlive the `EventStream` that wrote them, so a stream opened again on the same
+    store resumes where it was.
+
+    Args:
+        max_events: Keep at most this many events per stream (the oldest go first); ``None``
+            keeps everything. Reads below what is retained raise `HistoryTruncated`.
+    """
+
+    def __init__(self, *, max_events: int | None = None) -> None:
+        if max_events is not None and (not isinstance(max_events, int) or max_events < 1):
+            raise ValueError(f"max_events is None or an integer >= 1, not {max_events!r}")
+        self._max_events = max_events
+        self._logs: dict[str, MemoryStreamLog] = {}
+
+    async def open_stream(self, stream_id: str, registry: PayloadRegistry) -> MemoryStreamLog:
+        check_stream_id(stream_id)
+        log = self._logs.get(stream_id)
+        if log is None:
+            log = self._logs[stream_id] = MemoryStreamLog(self._max_events)
+        if log._open:
+            raise RuntimeError(
+                f"stream {stream_id!r} is already open on this store; share the open "
+                f"EventStream (an EventHub does this) instead of opening it twice"
+            )
+        log._open = True
+        await trio.lowlevel.checkpoint()
+        return log
+
+    async def reset_stream(self, stream_id: str) -> None:
+        check_stream_id(stream_id)
+        log = self._logs.get(stream_id)
+        if log is not None and log._open:
+            raise RuntimeError(f"stream {stream_id!r} is open; close it before resetting it")
+        self._logs.pop(stream_id, None)
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()

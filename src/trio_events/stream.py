@@ -1,0 +1,795 @@
+"""`EventStream` and `open_event_stream`: one stream's writer, router and subscribers.
+
+::
+
+    publish() ──► [writer] ──► store.append(batch) ──► [router] ──┬─► subscriber ─► callback
+     (bounded      assigns ids,                          offers   ├─► subscriber ─► async iterator
+      channel)     group-commits                         each     └─► ...
+                                                         batch
+
+- Publishers put requests on a bounded channel (backpressure). The writer takes every request
+  waiting, assigns dense ids in arrival order, appends the whole batch to the store in one call
+  (group commit), completes each publisher's ``await`` with its stored `Event`, and passes the
+  batch to the router.
+- The router offers each batch to every subscriber (`subscribers._Subscriber.offer`) and wakes
+  each one once per batch.
+- One nursery, owned by `open_event_stream`, runs the writer, the router and every callback
+  subscriber. Leaving the block drains what was published (up to ``shutdown_timeout``), ends
+  every task and closes the store's log.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import orjson
+import outcome
+import trio
+
+from .errors import EventEncodeError, EventNotFound, EventTooLarge, StreamClosed
+from .events import (
+    Event,
+    EventSource,
+    PayloadRegistry,
+    assemble_event_json,
+    check_type_name,
+    default_registry,
+    encode_json,
+    timestamp_json,
+)
+from .filters import EventFilter
+from .secrets import SecretMasker
+from .store.base import EventStore, StreamLog, check_stream_id
+from .store.memory import MemoryStore
+from .subscribers import (
+    Callback,
+    Overflow,
+    SubscriberState,
+    SubscriberStats,
+    Subscription,
+    Supervision,
+    _CallbackActor,
+    _Subscriber,
+)
+
+__all__ = ["EventStream", "StreamStats", "open_event_stream"]
+
+logger = logging.getLogger("trio_events.stream")
+
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+_WARN_EVENT_BYTES = 1024 * 1024
+# The most an envelope adds around a payload: the field names, a 20-digit id and cause, a
+# timestamp, the longest source; plus the type name's own JSON (added per event).
+_ENVELOPE_BYTES = len(assemble_event_json(0, b"", EventSource.ENVIRONMENT, b"", None, False, b""))
+_ENVELOPE_BYTES += 2 * 20 + len(timestamp_json(datetime.now(UTC)))
+_SEARCH_PAGE = 512
+
+
+@attrs.frozen(kw_only=True)
+class StreamStats:
+    """A snapshot of a stream's counters, from `EventStream.statistics`.
+
+    Attributes:
+        stream_id: The stream.
+        published: Events stored by this `EventStream` since it was opened.
+        last_id: The id of the last stored event, ``-1`` if none.
+        first_id: The earliest id the store still retains.
+        pending_publishes: Publish requests waiting for the writer.
+        batches: Batches the writer has appended (``published / batches`` is the mean batch).
+        subscribers: Per subscriber, keyed by ``(subscriber_id, callback_id)``.
+    """
+
+    stream_id: str
+    published: int
+    last_id: int
+    first_id: int
+    pending_publishes: int
+    batches: int
+    subscribers: Mapping[tuple[str, str], SubscriberStats]
+
+
+@attrs.define(slots=True)
+class _Draft:
+    """A prepared, not yet stored event: validated, masked and encoded by the publisher."""
+
+    source: EventSource
+    type: str
+    type_json: bytes
+    payload: Any
+    payload_json: bytes
+    cause: int | None
+    hidden: bool
+
+
+class _PublishRequest:
+    """One `publish` call waiting for the writer; the writer completes it with its events."""
+
+    __slots__ = ("drafts", "result", "task")
+
+    def __init__(self, drafts: list[_Draft]) -> None:
+        self.drafts = drafts
+        self.result: outcome.Outcome[list[Event]] | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    def complete(self, result: outcome.Outcome[list[Event]]) -> None:
+        self.result = result
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task, result)
+
+    async def wait(self) -> list[Event]:
+        if self.result is not None:
+            await trio.lowlevel.checkpoint()
+            return self.result.unwrap()
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # The request stays queued: its event is still published, the caller just stops
+            # waiting for the result.
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        events: list[Event] = await trio.lowlevel.wait_task_rescheduled(abort)
+        return events
+
+
+class EventStream:
+    """One stream: publish events, read its history, subscribe to what comes.
+
+    Open one with `open_event_stream`; the stream lives as long as that block.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        log: StreamLog,
+        nursery: trio.Nursery,
+        *,
+        registry: PayloadRegistry,
+        max_event_bytes: int,
+        publish_buffer: int,
+        max_batch: int,
+    ) -> None:
+        self.stream_id = stream_id
+        self.registry = registry
+        self._log = log
+        self._nursery = nursery
+        self._max_event_bytes = max_event_bytes
+        self._max_batch = max_batch
+        self._masker = SecretMasker()
+        self._closed = False
+        self._requests_send, self._requests = trio.open_memory_channel[_PublishRequest](
+            publish_buffer
+        )
+        self._batches_send, self._batches = trio.open_memory_channel[list[Event]](8)
+        self._last_id = log.last_id
+        self._last_timestamp = datetime.min.replace(tzinfo=UTC)
+        self._dispatched_id_value = log.last_id
+        self._published = 0
+        self._batch_count = 0
+        self._subscribers: dict[tuple[str, str], _Subscriber] = {}
+        self._actors: dict[tuple[str, str], _CallbackActor] = {}
+        self._fanout: tuple[_Subscriber, ...] = ()
+        self._type_json: dict[str, bytes] = {}
+        self._iterator_ids = itertools.count()
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        payload: object,
+        *,
+        source: EventSource | str,
+        type: str | None = None,
+        cause: int | None = None,
+        hidden: bool = False,
+    ) -> Event:
+        """Store one event and return it, with its id and timestamp.
+
+        `payload` is an instance of a class registered with `event_type` (its type name is
+        then implied), or a ``dict`` together with ``type=``.
+
+        Example::
+
+            ev = await stream.publish(ChatMessage("hi"), source=te.EventSource.USER)
+            await stream.publish({"k": "v"}, source="agent", type="tool.output", cause=ev.id)
+
+        Raises:
+            ValueError: `payload` is an `Event` that already has an id (publish its payload),
+                or an argument is malformed.
+            EventEncodeError: the payload is not a registered class or a JSON-encodable dict.
+            EventTooLarge: the encoded event is over ``max_event_bytes``.
+            StreamClosed: the stream is closed.
+        """
+        draft = self._prepare(payload, source, type, cause, hidden)
+        events = await self._submit([draft])
+        return events[0]
+
+    async def publish_many(
+        self,
+        payloads: Iterable[object],
+        *,
+        source: EventSource | str,
+        type: str | None = None,
+        cause: int | None = None,
+        hidden: bool = False,
+    ) -> list[Event]:
+        """Store several events at once, with consecutive ids, and return them.
+
+        All or nothing: if any payload is invalid, none is published. One call costs about one
+        `publish`, so batches are the way to high throughput from a single task.
+        """
+        drafts = [self._prepare(p, source, type, cause, hidden) for p in payloads]
+        if not drafts:
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._submit(drafts)
+
+    async def _submit(self, drafts: list[_Draft]) -> list[Event]:
+        if self._closed:
+            raise StreamClosed(f"stream {self.stream_id!r} is closed; publish while it is open")
+        request = _PublishRequest(drafts)
+        try:
+            try:
+                self._requests_send.send_nowait(request)
+            except trio.WouldBlock:
+                await self._requests_send.send(request)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StreamClosed(
+                f"stream {self.stream_id!r} closed before this event was accepted"
+            ) from None
+        return await request.wait()
+
+    def _prepare(
+        self,
+        payload: object,
+        source: EventSource | str,
+        type_name: str | None,
+        cause: int | None,
+        hidden: bool,
+    ) -> _Draft:
+        if isinstance(payload, Event):
+            raise ValueError(
+                f"event {payload.id} is already stored (it has an id); events are published "
+                f"once: to publish the same content again, publish event.payload"
+            )
+        if not isinstance(source, EventSource):
+            try:
+                source = EventSource(source)
+            except ValueError:
+                raise ValueError(
+                    f"source must be one of {[s.value for s in EventSource]}, not {source!r}"
+                ) from None
+        if cause is not None and (type(cause) is not int or not 0 <= cause <= self._last_id):
+            raise ValueError(
+                f"cause must be None or the id of an event already in the stream "
+                f"(0..{self._last_id}), not {cause!r}"
+            )
+        if type(hidden) is not bool:
+            raise ValueError(f"hidden must be True or False, not {hidden!r}")
+        registry = self.registry
+        if isinstance(payload, dict):
+            if type_name is None:
+                raise ValueError("a dict payload needs type=: the event type name")
+            check_type_name(type_name)
+            data: Any = payload
+        else:
+            registered = registry.type_of(payload)
+            if registered is None:
+                raise EventEncodeError(
+                    f"cannot publish a {payload.__class__.__qualname__}: payloads are dicts "
+                    f"(with type=) or instances of classes registered with @event_type(NAME)"
+                )
+            if type_name is not None and type_name != registered:
+                raise ValueError(
+                    f"type={type_name!r} contradicts the payload's registered type {registered!r}"
+                )
+            type_name = registered
+            data = registry.unstructure(payload)
+        payload_json = encode_json(data, f"payload of type {type_name!r}")
+        masker = self._masker
+        if masker and masker.may_contain(payload_json):
+            data = masker.mask(data)
+            payload_json = encode_json(data, f"payload of type {type_name!r}")
+            if not isinstance(payload, dict):
+                payload = registry.structure(type_name, data)
+        if isinstance(payload, dict):
+            # A private copy, exactly as a durable store would give it back: the caller may go
+            # on mutating its dict without touching the stored event.
+            payload = orjson.loads(payload_json)
+        type_json = self._type_json.get(type_name)
+        if type_json is None:
+            type_json = self._type_json[type_name] = orjson.dumps(type_name)
+        size = len(payload_json) + len(type_json) + _ENVELOPE_BYTES
+        if size > self._max_event_bytes:
+            raise EventTooLarge(size, self._max_event_bytes, type_name)
+        if size > _WARN_EVENT_BYTES:
+            logger.warning(
+                "stream %r: large event of type %r (%d bytes)", self.stream_id, type_name, size
+            )
+        return _Draft(source, type_name, type_json, payload, payload_json, cause, hidden)
+
+    # --- the writer and the router ------------------------------------------------------------
+
+    async def _run_writer(self) -> None:
+        requests = self._requests
+        batches_send = self._batches_send
+        log = self._log
+        pending: list[_PublishRequest] = []
+        try:
+            async with batches_send:
+                async for first in requests:
+                    pending = [first]
+                    count = len(first.drafts)
+                    while count < self._max_batch:
+                        try:
+                            request = requests.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        pending.append(request)
+                        count += len(request.drafts)
+                    events, per_request = self._assign(pending)
+                    try:
+                        await log.append(events)
+                    except Exception as exc:
+                        logger.exception(
+                            "stream %r: the store failed to append events %d..%d",
+                            self.stream_id,
+                            events[0].id,
+                            events[-1].id,
+                        )
+                        failure = outcome.Error(exc)
+                        for request in pending:
+                            request.complete(failure)
+                        continue
+                    self._last_id = events[-1].id
+                    self._published += len(events)
+                    self._batch_count += 1
+                    for request, result in zip(pending, per_request, strict=True):
+                        request.complete(outcome.Value(result))
+                    try:
+                        batches_send.send_nowait(events)
+                    except trio.WouldBlock:
+                        await batches_send.send(events)
+        finally:
+            self._fail_waiting_publishers(pending)
+
+    def _assign(self, requests: list[_PublishRequest]) -> tuple[list[Event], list[list[Event]]]:
+        """Give the drafts of `requests` their ids and timestamp, in arrival order."""
+        now = datetime.now(UTC)
+        # Timestamps never go backwards along ids, even if the wall clock does.
+        if now < self._last_timestamp:
+            now = self._last_timestamp
+        self._last_timestamp = now
+        ts_json = timestamp_json(now)
+        next_id = self._last_id + 1
+        events: list[Event] = []
+        per_request: list[list[Event]] = []
+        for request in requests:
+            mine = []
+            for d in request.drafts:
+                data = assemble_event_json(
+                    next_id, ts_json, d.source, d.type_json, d.cause, d.hidden, d.payload_json
+                )
+                mine.append(
+                    Event(next_id, now, d.source, d.type, d.payload, d.cause, d.hidden, _json=data)
+                )
+                next_id += 1
+            events.extend(mine)
+            per_request.append(mine)
+        return events, per_request
+
+    def _fail_waiting_publishers(self, in_flight: list[_PublishRequest]) -> None:
+        """Fail every request the writer will not store (it is ending, cancelled or broken)."""
+        self._closed = True
+        self._requests_send.close()
+        failure: outcome.Error = outcome.Error(
+            StreamClosed(f"stream {self.stream_id!r} closed before this event was stored")
+        )
+        for request in in_flight:
+            if request.result is None:
+                request.complete(failure)
+        while True:
+            try:
+                request = self._requests.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            request.complete(failure)
+
+    @property
+    def _dispatched_id(self) -> int:
+        """The last id the router has started to dispatch: subscribers at it are level."""
+        return self._dispatched_id_value
+
+    async def _run_router(self) -> None:
+        try:
+            async for batch in self._batches:
+                self._dispatched_id_value = batch[-1].id
+                fanout = self._fanout
+                end = len(batch)
+                for sub in fanout:
+                    if not sub.live:
+                        continue
+                    done = sub.offer(batch, 0)
+                    while done < end:  # BLOCK: wait for the consumer to make room
+                        for other in fanout:
+                            other.wake()
+                        await sub.wait_for_room()
+                        if not sub.live or sub.closed:
+                            break
+                        done = sub.offer(batch, done)
+                for sub in fanout:
+                    sub.wake()
+        finally:
+            for sub in self._subscribers.values():
+                sub.close(SubscriberState.CLOSED)
+
+    # --- subscribing --------------------------------------------------------------------------
+
+    def _new_subscriber(
+        self,
+        subscriber_id: str,
+        callback_id: str,
+        after: int | None,
+        filter: EventFilter | None,
+        buffer: int,
+        overflow: Overflow | str,
+    ) -> _Subscriber:
+        if self._closed:
+            raise StreamClosed(f"stream {self.stream_id!r} is closed; subscribe while it is open")
+        key = (subscriber_id, callback_id)
+        if key in self._subscribers:
+            raise ValueError(
+                f"callback id {callback_id!r} is already subscribed for {subscriber_id!r}; "
+                f"unsubscribe it first or use another callback id"
+            )
+        if type(buffer) is not int or buffer < 1:
+            raise ValueError(f"buffer is an integer >= 1 (events), not {buffer!r}")
+        policy = Overflow.parse(overflow)
+        if after is not None:
+            if type(after) is not int or after < -1:
+                raise ValueError(f"after is None, -1 or an event id, not {after!r}")
+            if after > self._last_id:
+                raise ValueError(
+                    f"after={after} is ahead of stream {self.stream_id!r}, whose last id is "
+                    f"{self._last_id} (an id from another incarnation of the stream?)"
+                )
+        if filter is not None and not isinstance(filter, EventFilter):
+            raise TypeError(f"filter is an EventFilter or None, not {filter!r}")
+        sub = _Subscriber(
+            self, subscriber_id, callback_id, after=after, filter=filter, buffer=buffer,
+            overflow=policy,
+        )  # fmt: skip
+        self._subscribers[key] = sub
+        self._fanout += (sub,)
+        return sub
+
+    def _remove_subscriber(self, key: tuple[str, str], state: SubscriberState) -> None:
+        sub = self._subscribers.pop(key, None)
+        if sub is not None:
+            sub.live = False
+            sub.close(state)
+            self._fanout = tuple(s for s in self._fanout if s is not sub)
+
+    def subscribe(
+        self,
+        subscriber_id: str,
+        callback: Callback,
+        callback_id: str,
+        *,
+        after: int | None = None,
+        filter: EventFilter | None = None,
+        buffer: int = 256,
+        overflow: Overflow | str = Overflow.CATCH_UP,
+        supervision: Supervision | None = None,
+        in_thread: bool = False,
+    ) -> None:
+        """Run `callback` for each event, in a supervised task owned by the stream.
+
+        `callback` is a sync or async callable taking one `Event`. Each callback has its own
+        bounded queue of `buffer` events; `overflow` says what happens when it is full.
+
+        Example::
+
+            async def on_event(event: te.Event) -> None: ...
+            stream.subscribe("server", on_event, "cb-1", after=41)
+
+        Args:
+            subscriber_id: Who subscribes (a component name).
+            callback: Called with each event, in id order, one at a time.
+            callback_id: Names this callback within `subscriber_id`.
+            after: ``None``: events published from now on. ``N``: every event with id > N
+                (read from the store first), then live. ``-1``: everything.
+            filter: Only events that pass it.
+            buffer: Queue length in events (>= 1).
+            overflow: An `Overflow` policy or its name (default ``CATCH_UP``).
+            supervision: What to do when the callback raises (default: log, count, go on).
+            in_thread: Run a blocking sync callback in a worker thread.
+
+        Raises:
+            ValueError: a duplicate ``(subscriber_id, callback_id)`` or a bad argument.
+            StreamClosed: the stream is closed.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {callback!r}")
+        sub = self._new_subscriber(subscriber_id, callback_id, after, filter, buffer, overflow)
+        actor = _CallbackActor(
+            sub, callback, in_thread=in_thread, supervision=supervision or Supervision()
+        )
+        self._actors[(subscriber_id, callback_id)] = actor
+        self._nursery.start_soon(self._run_actor, actor, name=f"subscriber {callback_id}")
+
+    async def _run_actor(self, actor: _CallbackActor) -> None:
+        sub = actor.sub
+        try:
+            await actor.run()
+        finally:
+            # Out of fan-out, but still in statistics (a failed or disconnected subscriber
+            # shows why) until unsubscribed.
+            sub.live = False
+            self._fanout = tuple(s for s in self._fanout if s is not sub)
+
+    def unsubscribe(self, subscriber_id: str, callback_id: str) -> None:
+        """Stop a callback subscriber now; events still queued for it are not delivered.
+
+        Also removes a subscriber that supervision or ``DISCONNECT`` stopped (those stay in
+        `statistics` until then).
+
+        Raises:
+            KeyError: no such subscriber.
+        """
+        key = (subscriber_id, callback_id)
+        actor = self._actors.pop(key, None)
+        if actor is None:
+            raise KeyError(f"no callback {callback_id!r} subscribed for {subscriber_id!r}")
+        self._remove_subscriber(key, SubscriberState.STOPPED)
+        actor.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def subscription(
+        self,
+        *,
+        after: int | None = None,
+        filter: EventFilter | None = None,
+        buffer: int = 256,
+        overflow: Overflow | str = Overflow.CATCH_UP,
+        subscriber_id: str = "subscription",
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe, consuming events in your own task with ``async for``.
+
+        Example::
+
+            async with stream.subscription(after=41, filter=te.EventFilter(source="agent")) as sub:
+                async for event in sub:
+                    ...
+
+        The arguments mean what they mean for `subscribe`.
+        """
+        callback_id = f"iter-{next(self._iterator_ids)}"
+        sub = self._new_subscriber(subscriber_id, callback_id, after, filter, buffer, overflow)
+        try:
+            yield Subscription(sub)
+        finally:
+            self._remove_subscriber((subscriber_id, callback_id), SubscriberState.STOPPED)
+
+    # --- history -----------------------------------------------------------------------------
+
+    async def search_events(
+        self,
+        start_id: int = 0,
+        end_id: int | None = None,
+        reverse: bool = False,
+        filter: EventFilter | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[Event]:
+        """Iterate over stored events with ids from `start_id` to `end_id`, both inclusive.
+
+        `filter` is applied before `limit`; ``limit=None`` means all; ``reverse`` goes from
+        `end_id` down. ``end_id=None`` is the last id when the search starts.
+
+        Example::
+
+            async for event in stream.search_events(start_id=10, reverse=True, limit=5): ...
+
+        Raises:
+            HistoryTruncated: when the search reaches events the store no longer retains.
+        """
+        if type(start_id) is not int or start_id < 0:
+            raise ValueError(f"start_id is an event id >= 0, not {start_id!r}")
+        if end_id is not None and type(end_id) is not int:
+            raise ValueError(f"end_id is None or an event id, not {end_id!r}")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValueError(f"limit is None or an integer >= 0, not {limit!r}")
+        last = self._log.last_id if end_id is None else min(end_id, self._log.last_id)
+        remaining = limit
+        low, high = start_id, last
+        registry = self.registry
+        while low <= high and (remaining is None or remaining > 0):
+            page = await self._log.read(low, high, reverse=reverse, limit=_SEARCH_PAGE)
+            if not page:
+                return
+            for event in page:
+                if filter is None or filter.include(event, registry):
+                    yield event
+                    if remaining is not None:
+                        remaining -= 1
+                        if remaining == 0:
+                            return
+            if reverse:
+                high = page[-1].id - 1
+            else:
+                low = page[-1].id + 1
+
+    async def get_event(self, id: int) -> Event:
+        """The event with this id.
+
+        Raises:
+            EventNotFound: no such event (``HistoryTruncated`` if retention removed it).
+        """
+        if type(id) is not int or id < 0:
+            raise ValueError(f"an event id is an integer >= 0, not {id!r}")
+        found = await self._log.read(id, id, limit=1)
+        if not found:
+            raise EventNotFound(
+                f"no event {id} in stream {self.stream_id!r} (last id {self._log.last_id})"
+            )
+        return found[0]
+
+    async def get_latest_event(self) -> Event:
+        """The last stored event. Raises `EventNotFound` on an empty stream."""
+        last = self._log.last_id
+        if last < 0:
+            raise EventNotFound(f"stream {self.stream_id!r} is empty")
+        return await self.get_event(last)
+
+    def get_latest_event_id(self) -> int:
+        """The id of the last stored event, ``-1`` on an empty stream."""
+        return self._log.last_id
+
+    def filtered_events_by_source(self, source: EventSource | str) -> AsyncIterator[Event]:
+        """Every stored event from `source`, oldest first."""
+        return self.search_events(filter=EventFilter(source=source))
+
+    # --- secrets, state ----------------------------------------------------------------------
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Replace the secrets to mask (name → value) in every event published from now on."""
+        self._masker.set(secrets)
+
+    def update_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Add or replace secrets to mask, keeping the others."""
+        self._masker.update(secrets)
+
+    @property
+    def epoch(self) -> str:
+        """This incarnation of the stream's history (changes when the history is reset)."""
+        return self._log.epoch
+
+    @property
+    def first_id(self) -> int:
+        """The earliest id the store still retains."""
+        return self._log.first_id
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream stopped accepting publishes."""
+        return self._closed
+
+    def statistics(self) -> StreamStats:
+        """A snapshot of the stream's and every subscriber's counters."""
+        return StreamStats(
+            stream_id=self.stream_id,
+            published=self._published,
+            last_id=self._log.last_id,
+            first_id=self._log.first_id,
+            pending_publishes=self._requests_send.statistics().current_buffer_used,
+            batches=self._batch_count,
+            subscribers={key: sub.statistics() for key, sub in self._subscribers.items()},
+        )
+
+    def _begin_close(self) -> None:
+        """Stop accepting publishes; the writer drains what was accepted, then everything ends."""
+        self._closed = True
+        self._requests_send.close()
+
+
+@asynccontextmanager
+async def open_event_stream(
+    stream_id: str,
+    *,
+    store: EventStore | None = None,
+    registry: PayloadRegistry | None = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    publish_buffer: int = 1024,
+    max_batch: int = 1024,
+    shutdown_timeout: float = 5.0,
+) -> AsyncIterator[EventStream]:
+    """Open a stream for the duration of an ``async with`` block.
+
+    Example::
+
+        async with te.open_event_stream("conv-1", store=te.MemoryStore()) as stream:
+            await stream.publish({"text": "hi"}, source="user", type="chat.message")
+
+    Args:
+        stream_id: ``[A-Za-z0-9._-]{1,128}``, not ``.`` or ``..``.
+        store: Where history is kept (default: a fresh `MemoryStore`, closed with the stream).
+        registry: Payload types (default: the process-wide registry of `event_type`).
+        max_event_bytes: Publishing a bigger encoded event raises `EventTooLarge`.
+        publish_buffer: Publish requests that may wait for the writer before publishers wait.
+        max_batch: The most events the writer appends in one group commit.
+        shutdown_timeout: On leaving the block, how long subscribers may take to receive what
+            was published before they are cancelled.
+
+    Errors raised inside the block come out unchanged.
+    """
+    check_stream_id(stream_id)
+    for name, value, low in (
+        ("max_event_bytes", max_event_bytes, 256),
+        ("publish_buffer", publish_buffer, 1),
+        ("max_batch", max_batch, 1),
+    ):
+        if type(value) is not int or value < low:
+            raise ValueError(f"{name} is an integer >= {low}, not {value!r}")
+    if shutdown_timeout < 0:
+        raise ValueError(f"shutdown_timeout is >= 0 seconds, not {shutdown_timeout!r}")
+    own_store = store is None
+    the_store: EventStore = MemoryStore() if store is None else store
+    registry = default_registry if registry is None else registry
+    log = await the_store.open_stream(stream_id, registry)
+    single: BaseException | None = None
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                stream = EventStream(
+                    stream_id,
+                    log,
+                    nursery,
+                    registry=registry,
+                    max_event_bytes=max_event_bytes,
+                    publish_buffer=publish_buffer,
+                    max_batch=max_batch,
+                )
+                nursery.start_soon(stream._run_writer, name=f"writer {stream_id}")
+                nursery.start_soon(stream._run_router, name=f"router {stream_id}")
+                try:
+                    yield stream
+                finally:
+                    stream._begin_close()
+                    nursery.cancel_scope.deadline = trio.current_time() + shutdown_timeout
+            if nursery.cancel_scope.cancelled_caught:
+                logger.warning(
+                    "stream %r: subscribers did not finish within shutdown_timeout=%ss and "
+                    "were cancelled",
+                    stream_id,
+                    shutdown_timeout,
+                )
+        except BaseExceptionGroup as group:
+            single = _sole_exception(group)
+            if single is None:
+                raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await log.aclose()
+            if own_store:
+                await the_store.aclose()
+    if single is not None:
+        # Raised here, outside the except block, so it is not chained to the group.
+        raise single
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside (possibly nested) single-member groups, else None."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return None

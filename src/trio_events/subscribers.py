@@ -1,0 +1,619 @@
+"""Subscribers: a bounded queue per subscriber, an overflow policy, and the task that drains it.
+
+The router (in `stream.py`) offers each stored batch to every subscriber with `_Subscriber.offer`,
+which queues what fits and applies the overflow policy to the rest; then it rings each
+subscriber's doorbell once per batch, so a subscriber task wakes once per batch rather than
+once per event. A subscriber is drained either by a supervised actor task that calls a callback
+(`subscribe`) or by the caller's own task (`Subscription`, from `subscription()`).
+
+Every subscriber keeps a *cursor*: the highest id it has been offered, queued or not. Everything
+above the cursor is in the store, so a subscriber that leaves live fan-out (``CATCH_UP``) reads
+what it missed from the store and re-joins when its cursor meets the router's. That re-join is
+one synchronous step, with no checkpoint between the check and the join, so no event can slip
+between the two and none can come twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from .errors import HistoryTruncated, SubscriberDisconnected
+from .events import Event, PayloadRegistry
+from .filters import EventFilter
+
+if TYPE_CHECKING:
+    from .store.base import StreamLog
+
+__all__ = [
+    "Callback",
+    "Overflow",
+    "SubscriberState",
+    "SubscriberStats",
+    "Subscription",
+    "Supervision",
+]
+
+logger = logging.getLogger("trio_events.subscribers")
+
+Callback = Callable[[Event], Awaitable[object] | object]
+"""A subscriber callback: a sync or async callable taking one `Event`."""
+
+_MAX_CATCH_UP_READ = 4096
+
+
+class Overflow(enum.Enum):
+    """What happens when a subscriber's buffer is full.
+
+    ======================  ==========================================  ======  ===============
+    policy                  when the buffer is full                     loses   slows producer
+    ======================  ==========================================  ======  ===============
+    ``BLOCK``               the router waits for room                   no      yes
+    ``CATCH_UP``            leave live fan-out, read the gap from the   no      no
+                            store, re-join when level (the default)
+    ``DROP_OLDEST``         drop the oldest queued event, count it      yes     no
+    ``DROP_NEWEST``         drop the new event, count it                yes     no
+    ``DISCONNECT``          stop the subscriber with a reason           no*     no
+    ======================  ==========================================  ======  ===============
+
+    \\* nothing is lost if the consumer resumes with ``after=`` its last id.
+    """
+
+    BLOCK = "block"
+    CATCH_UP = "catch_up"
+    DROP_OLDEST = "drop_oldest"
+    DROP_NEWEST = "drop_newest"
+    DISCONNECT = "disconnect"
+
+    @classmethod
+    def parse(cls, value: Overflow | str) -> Overflow:
+        """Accept an `Overflow` or its name/value in any case (``"catch_up"``, ``"CATCH_UP"``)."""
+        if isinstance(value, Overflow):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "_")
+            for member in cls:
+                if member.value == key:
+                    return member
+        allowed = ", ".join(m.name for m in cls)
+        raise ValueError(f"unknown overflow policy {value!r}: use one of {allowed}")
+
+
+class SubscriberState(enum.Enum):
+    """Where a subscriber is in its life."""
+
+    LIVE = "live"
+    """Receiving events from live fan-out."""
+    CATCHING_UP = "catching_up"
+    """Reading history from the store (after ``after=``, or after falling behind)."""
+    CLOSED = "closed"
+    """The stream closed and everything was delivered."""
+    STOPPED = "stopped"
+    """Unsubscribed, or the subscription's block was left."""
+    FAILED = "failed"
+    """Stopped by its `Supervision` after too many failures."""
+    DISCONNECTED = "disconnected"
+    """Stopped by the ``DISCONNECT`` overflow policy."""
+
+
+@attrs.frozen(kw_only=True)
+class Supervision:
+    """How a callback subscriber's failures are handled.
+
+    By default an exception raised by a callback is logged (with the stream, subscriber,
+    callback and event ids) and counted, and the subscriber goes on with the next event.
+
+    Example::
+
+        Supervision(retries=3, backoff=0.1, max_failures=10, window=60.0)
+
+    Attributes:
+        retries: Deliver a failed event again up to this many times before moving on.
+        backoff: Seconds before the first retry; doubled at each further retry.
+        max_backoff: Upper bound of the delay between retries.
+        max_failures: Stop the subscriber when more than this many exceptions happen within
+            ``window`` seconds (``None``: never stop).
+        window: The length of that window in seconds.
+        on_stop: Called (sync) with the final `SubscriberStats` and the last exception when
+            supervision stops the subscriber, or when ``DISCONNECT`` does (exception ``None``).
+    """
+
+    retries: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    backoff: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
+    max_backoff: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    max_failures: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
+    window: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    on_stop: Callable[[SubscriberStats, BaseException | None], object] | None = None
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        delay: float = self.backoff * 2 ** (attempt - 1)
+        return min(delay, self.max_backoff)
+
+
+@attrs.frozen(kw_only=True)
+class SubscriberStats:
+    """A snapshot of one subscriber's counters.
+
+    Attributes:
+        subscriber_id: As given to `subscribe` (``"subscription"`` for iterators).
+        callback_id: As given to `subscribe` (a generated id for iterators).
+        delivered: Events handed to the callback or the iterator's consumer.
+        dropped: Events dropped by a ``DROP_*`` policy.
+        missed: Events skipped because the store no longer retained them (see ``gaps``).
+        gaps: How many times a catch-up found history already removed by retention.
+        errors: Exceptions raised by the callback.
+        restarts: Re-deliveries of a failed event by the supervisor.
+        catch_ups: Times the subscriber left live fan-out to read history from the store.
+        queue_depth: Events queued now.
+        lag: Events published but not yet delivered to this subscriber (counting events its
+            filter will skip).
+        last_id: The id of the last event offered to this subscriber.
+        state: Where the subscriber is in its life.
+    """
+
+    subscriber_id: str
+    callback_id: str
+    delivered: int
+    dropped: int
+    missed: int
+    gaps: int
+    errors: int
+    restarts: int
+    catch_ups: int
+    queue_depth: int
+    lag: int
+    last_id: int
+    state: SubscriberState
+
+
+class _StreamView(Protocol):
+    """What a subscriber needs from its stream."""
+
+    stream_id: str
+    registry: PayloadRegistry
+    _log: StreamLog
+
+    @property
+    def _dispatched_id(self) -> int: ...
+
+
+class _Subscriber:
+    """One subscriber's queue, cursor, policy and counters: the router's side and the consumer's."""
+
+    __slots__ = (
+        "_reader",
+        "_router_waiter",
+        "buffer",
+        "callback_id",
+        "catch_ups",
+        "closed",
+        "cursor",
+        "delivered",
+        "dropped",
+        "errors",
+        "filter",
+        "gaps",
+        "live",
+        "missed",
+        "overflow",
+        "queue",
+        "restarts",
+        "state",
+        "stream",
+        "subscriber_id",
+    )
+
+    def __init__(
+        self,
+        stream: _StreamView,
+        subscriber_id: str,
+        callback_id: str,
+        *,
+        after: int | None,
+        filter: EventFilter | None,
+        buffer: int,
+        overflow: Overflow,
+    ) -> None:
+        self.stream = stream
+        self.subscriber_id = subscriber_id
+        self.callback_id = callback_id
+        self.filter = filter
+        self.buffer = buffer
+        self.overflow = overflow
+        self.queue: deque[Event] = deque()
+        self.delivered = self.dropped = self.missed = self.gaps = 0
+        self.errors = self.restarts = self.catch_ups = 0
+        self.closed = False
+        self._reader: trio.lowlevel.Task | None = None
+        self._router_waiter: trio.lowlevel.Task | None = None
+        if after is None:
+            # Only events the router has not started to dispatch: a subscriber added while a
+            # batch is being dispatched receives only later events.
+            self.cursor = stream._dispatched_id
+            self.live = True
+            self.state = SubscriberState.LIVE
+        else:
+            self.cursor = after
+            self.live = False
+            self.state = SubscriberState.CATCHING_UP
+
+    # --- router side (synchronous: never yields) -----------------------------------------------
+
+    def offer(self, batch: Sequence[Event], start: int) -> int:
+        """Queue `batch[start:]` as far as the policy allows.
+
+        Returns the index where the router must wait for room (``BLOCK`` only), or
+        ``len(batch)`` when the whole batch has been dealt with.
+        """
+        end = len(batch)
+        if batch[start].id <= self.cursor:
+            # Already seen (it re-joined after catching up on part of this batch); skip those.
+            while start < end and batch[start].id <= self.cursor:
+                start += 1
+            if start == end:
+                return end
+        queue = self.queue
+        flt = self.filter
+        if flt is None and len(queue) + end - start <= self.buffer:
+            queue.extend(batch if start == 0 else batch[start:])
+            self.cursor = batch[-1].id
+            return end
+        registry = self.stream.registry
+        for i in range(start, end):
+            event = batch[i]
+            if flt is not None and not flt.include(event, registry):
+                self.cursor = event.id
+                continue
+            if len(queue) < self.buffer:
+                queue.append(event)
+                self.cursor = event.id
+                continue
+            overflow = self.overflow
+            if overflow is Overflow.BLOCK:
+                return i
+            if overflow is Overflow.CATCH_UP:
+                self._detach(SubscriberState.CATCHING_UP)
+                self.catch_ups += 1
+                return end
+            if overflow is Overflow.DROP_NEWEST:
+                self.dropped += 1
+                self.cursor = event.id
+            elif overflow is Overflow.DROP_OLDEST:
+                queue.popleft()
+                queue.append(event)
+                self.dropped += 1
+                self.cursor = event.id
+            else:  # DISCONNECT
+                self._detach(SubscriberState.DISCONNECTED)
+                return end
+        return end
+
+    def _detach(self, state: SubscriberState) -> None:
+        self.live = False
+        self.state = state
+
+    def wake(self) -> None:
+        """Ring the doorbell: wake the consumer if it is waiting."""
+        task = self._reader
+        if task is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait_for_room(self) -> None:
+        """Park the router until the consumer takes an event (``BLOCK``), or the subscriber ends."""
+        self._router_waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._router_waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake_router(self) -> None:
+        task = self._router_waiter
+        if task is not None:
+            self._router_waiter = None
+            trio.lowlevel.reschedule(task)
+
+    def close(self, state: SubscriberState) -> None:
+        """No more events will be offered: the consumer ends once it has drained what is due."""
+        self.closed = True
+        if self.state in (SubscriberState.LIVE, SubscriberState.CATCHING_UP):
+            self.state = state
+        self.wake()
+        self._wake_router()
+
+    # --- consumer side ------------------------------------------------------------------------
+
+    def take(self) -> Event:
+        """Pop the next queued event (the queue must not be empty)."""
+        event = self.queue.popleft()
+        if self._router_waiter is not None:
+            self._wake_router()
+        self.delivered += 1
+        return event
+
+    async def fill(self) -> bool:
+        """Wait until the queue has events; False when the subscriber has ended.
+
+        Raises:
+            SubscriberDisconnected: when the ``DISCONNECT`` policy stopped it (after the queue
+                has been drained).
+        """
+        while not self.queue:
+            if self.state is SubscriberState.DISCONNECTED:
+                raise SubscriberDisconnected(self.cursor, self.buffer)
+            if not self.live and self.state is SubscriberState.CATCHING_UP:
+                await self._catch_up_step()
+                continue
+            if self.closed:
+                return False
+            await self._park()
+        return True
+
+    async def _park(self) -> None:
+        if self._reader is not None:
+            raise trio.BusyResourceError("another task is already reading this subscriber")
+        self._reader = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._reader = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _catch_up_step(self) -> None:
+        """Read the next chunk of history into the queue, or re-join live fan-out if level."""
+        stream = self.stream
+        target = stream._dispatched_id
+        if self.cursor >= target:
+            # Level with the router: re-join in the same step as the check (no checkpoint).
+            self.live = True
+            self.state = SubscriberState.LIVE
+            return
+        chunk = min(self.buffer, _MAX_CATCH_UP_READ)
+        try:
+            events = await stream._log.read(self.cursor + 1, target, limit=chunk)
+        except HistoryTruncated as exc:
+            skipped = exc.first_id - 1 - self.cursor
+            self.gaps += 1
+            self.missed += skipped
+            logger.warning(
+                "stream %r: subscriber %s/%s lost events %d..%d to retention while catching up",
+                stream.stream_id,
+                self.subscriber_id,
+                self.callback_id,
+                self.cursor + 1,
+                exc.first_id - 1,
+            )
+            self.cursor = exc.first_id - 1
+            return
+        if self.state is not SubscriberState.CATCHING_UP:
+            return  # ended while reading
+        flt = self.filter
+        registry = stream.registry
+        for event in events:
+            if event.id <= self.cursor:
+                continue
+            self.cursor = event.id
+            if flt is None or flt.include(event, registry):
+                self.queue.append(event)
+
+    @property
+    def position(self) -> int:
+        """The id up to which the consumer is done (delivered, or skipped by the filter)."""
+        return self.queue[0].id - 1 if self.queue else self.cursor
+
+    def statistics(self) -> SubscriberStats:
+        """A snapshot of this subscriber's counters."""
+        last_id = self.stream._log.last_id
+        pending_from = self.position
+        return SubscriberStats(
+            subscriber_id=self.subscriber_id,
+            callback_id=self.callback_id,
+            delivered=self.delivered,
+            dropped=self.dropped,
+            missed=self.missed,
+            gaps=self.gaps,
+            errors=self.errors,
+            restarts=self.restarts,
+            catch_ups=self.catch_ups,
+            queue_depth=len(self.queue),
+            lag=max(0, last_id - pending_from),
+            last_id=self.cursor,
+            state=self.state,
+        )
+
+
+def _as_async(callback: Callback, in_thread: bool) -> Callable[[Event], Awaitable[object]]:
+    if in_thread:
+
+        async def run_in_thread(event: Event) -> object:
+            return await trio.to_thread.run_sync(callback, event)
+
+        return run_in_thread
+    if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+        getattr(callback, "__call__", None)  # noqa: B004 - objects with an async __call__
+    ):
+        return callback  # type: ignore[return-value]
+
+    async def run_sync(event: Event) -> object:
+        result = callback(event)
+        if result is not None and inspect.isawaitable(result):
+            return await result
+        return result
+
+    return run_sync
+
+
+class _CallbackActor:
+    """The supervised task that drains one subscriber into its callback."""
+
+    def __init__(
+        self,
+        sub: _Subscriber,
+        callback: Callback,
+        *,
+        in_thread: bool,
+        supervision: Supervision,
+    ) -> None:
+        self.sub = sub
+        self.call = _as_async(callback, in_thread)
+        self.supervision = supervision
+        self.cancel_scope = trio.CancelScope()
+        self._failure_times: deque[float] = deque()
+
+    async def run(self) -> None:
+        sub = self.sub
+        call = self.call
+        queue = sub.queue
+        with self.cancel_scope:
+            try:
+                while await sub.fill():
+                    while queue:
+                        event = sub.take()
+                        try:
+                            await call(event)
+                        except Exception as exc:
+                            if not await self._failed(event, exc):
+                                return
+            except SubscriberDisconnected as exc:
+                logger.warning(
+                    "stream %r: subscriber %s/%s disconnected: %s",
+                    sub.stream.stream_id,
+                    sub.subscriber_id,
+                    sub.callback_id,
+                    exc,
+                )
+                self._report_stop(None)
+
+    async def _failed(self, event: Event, exc: Exception) -> bool:
+        """Handle a callback failure; False when supervision stops the subscriber."""
+        sub = self.sub
+        sup = self.supervision
+        attempt = 0
+        while True:
+            sub.errors += 1
+            logger.error(
+                "stream %r: callback %s/%s raised on event %d (attempt %d)",
+                sub.stream.stream_id,
+                sub.subscriber_id,
+                sub.callback_id,
+                event.id,
+                attempt + 1,
+                exc_info=exc,
+            )
+            if self._too_many_failures():
+                sub._detach(SubscriberState.FAILED)
+                logger.error(
+                    "stream %r: subscriber %s/%s stopped: more than %s failures within %ss",
+                    sub.stream.stream_id,
+                    sub.subscriber_id,
+                    sub.callback_id,
+                    sup.max_failures,
+                    sup.window,
+                )
+                self._report_stop(exc)
+                return False
+            if attempt >= sup.retries:
+                return True
+            attempt += 1
+            sub.restarts += 1
+            await trio.sleep(sup.retry_delay(attempt))
+            try:
+                await self.call(event)
+                return True
+            except Exception as again:
+                exc = again
+
+    def _too_many_failures(self) -> bool:
+        limit = self.supervision.max_failures
+        if limit is None:
+            return False
+        now = trio.current_time()
+        times = self._failure_times
+        times.append(now)
+        horizon = now - self.supervision.window
+        while times and times[0] < horizon:
+            times.popleft()
+        return len(times) > limit
+
+    def _report_stop(self, exc: BaseException | None) -> None:
+        hook = self.supervision.on_stop
+        if hook is None:
+            return
+        try:
+            hook(self.sub.statistics(), exc)
+        except Exception:
+            logger.exception(
+                "stream %r: on_stop hook of %s/%s raised",
+                self.sub.stream.stream_id,
+                self.sub.subscriber_id,
+                self.sub.callback_id,
+            )
+
+
+class Subscription:
+    """An async iterator over a stream's events, consumed by the caller's own task.
+
+    Get one from `EventStream.subscription`::
+
+        async with stream.subscription(after=41) as sub:
+            async for event in sub:
+                ...
+
+    Iteration ends when the stream closes (after every due event has been delivered). With the
+    ``DISCONNECT`` policy, falling behind raises `SubscriberDisconnected` once the queued events
+    have been delivered.
+    """
+
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: _Subscriber) -> None:
+        self._sub = sub
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        sub = self._sub
+        if not sub.queue and not await sub.fill():
+            raise StopAsyncIteration
+        return sub.take()
+
+    async def receive_batch(self, max_events: int | None = None) -> list[Event]:
+        """Wait for events and return the queued ones (at most `max_events`); ``[]`` at the end.
+
+        Useful to consume in batches, for example to send several events in one frame.
+        """
+        sub = self._sub
+        if not sub.queue and not await sub.fill():
+            return []
+        batch: list[Event] = []
+        queue = sub.queue
+        limit = len(queue) if max_events is None else max_events
+        while queue and len(batch) < limit:
+            batch.append(sub.take())
+        return batch
+
+    def statistics(self) -> SubscriberStats:
+        """This subscription's counters (the same `SubscriberStats` as callback subscribers)."""
+        return self._sub.statistics()
+
+    @property
+    def last_id(self) -> int:
+        """The id up to which this subscription is done: resume with ``after=last_id``.
+
+        That is the last event delivered, or a later one its filter skipped.
+        """
+        return self._sub.position
