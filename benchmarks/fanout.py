@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -540,6 +540,18 @@ def render(report: dict[str, Any]) -> str:
         f"buffer {BUFFER} per subscriber; batch publisher = publish_many x {BATCH}; "
         f"pubs = {PUBLISHERS} tasks awaiting publish per event"
     )
+    for row in report["results"]:
+        notes = []
+        for s in ("te_batch", "te_publishers"):
+            rs = row["runs"][s]
+            if rs:
+                catch_ups = max(r["catch_ups"] for r in rs)
+                batch = statistics.median(r["mean_batch"] for r in rs)
+                notes.append(
+                    f"{HEADERS[s]}: writer batch {batch:.0f} events, catch-ups {catch_ups}"
+                )
+        if notes:
+            lines.append(f"{row['subscribers']:>3} subscribers: " + "; ".join(notes))
     lat = report.get("latency")
     if lat:
         lines += [
@@ -586,19 +598,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     systems = SYSTEMS[:2] if args.skip_trio_events else SYSTEMS
     errors: list[str] = []
     broken: set[str] = set()
-    samples: dict[tuple[int, str], list[float]] = {}
+    runs: dict[tuple[int, str], list[Result]] = {}
     # Repeats outermost, so slow drift of the machine spreads over all cells alike.
     for _, subscribers, system in itertools.product(range(args.repeat), SUBSCRIBER_COUNTS, systems):
         if system in broken:
             continue
         try:
-            rate = run_one(system, subscribers, event_counts(args.events, subscribers)[system])
+            result = run_one(system, subscribers, event_counts(args.events, subscribers)[system])
         except BenchmarkError as exc:
             print(f"ERROR: {exc}", file=sys.stderr, flush=True)
             errors.append(str(exc))
             broken.add(system)  # loss or missing package: don't report a number for it
             continue
-        samples.setdefault((subscribers, system), []).append(rate)
+        runs.setdefault((subscribers, system), []).append(result)
 
     latency = None
     if not args.skip_trio_events and not broken & {"te_batch", "te_publishers"}:
@@ -609,18 +621,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = []
     for subscribers in SUBSCRIBER_COUNTS:
-        rates = {
-            s: statistics.median(samples[(subscribers, s)])
-            if s not in broken and (subscribers, s) in samples
-            else None
-            for s in SYSTEMS
-        }
+        cell = {s: runs.get((subscribers, s), []) if s not in broken else [] for s in SYSTEMS}
         results.append(
             {
                 "subscribers": subscribers,
                 "events": event_counts(args.events, subscribers),
-                "rates": rates,
-                "runs": {s: samples.get((subscribers, s), []) for s in SYSTEMS},
+                "rates": {
+                    s: statistics.median(r.rate for r in rs) if rs else None
+                    for s, rs in cell.items()
+                },
+                "runs": {s: [asdict(r) for r in rs] for s, rs in cell.items()},
             }
         )
     report: dict[str, Any] = {

@@ -40,7 +40,6 @@ from .events import (
     assemble_event_json,
     check_type_name,
     default_registry,
-    encode_json,
     timestamp_json,
 )
 from .filters import EventFilter
@@ -162,6 +161,8 @@ class EventStream:
         self._log = log
         self._nursery = nursery
         self._max_event_bytes = max_event_bytes
+        # One comparison per event on the common path: sizes below both limits need nothing.
+        self._size_checked_above = min(max_event_bytes, _WARN_EVENT_BYTES)
         self._max_batch = max_batch
         self._masker = SecretMasker()
         self._closed = False
@@ -208,8 +209,7 @@ class EventStream:
             EventTooLarge: the encoded event is over ``max_event_bytes``.
             StreamClosed: the stream is closed.
         """
-        draft = self._prepare(payload, source, type, cause, hidden)
-        events = await self._submit([draft])
+        events = await self._submit(self._prepare((payload,), source, type, cause, hidden))
         return events[0]
 
     async def publish_many(
@@ -226,7 +226,7 @@ class EventStream:
         All or nothing: if any payload is invalid, none is published. One call costs about one
         `publish`, so batches are the way to high throughput from a single task.
         """
-        drafts = [self._prepare(p, source, type, cause, hidden) for p in payloads]
+        drafts = self._prepare(payloads, source, type, cause, hidden)
         if not drafts:
             await trio.lowlevel.checkpoint()
             return []
@@ -249,17 +249,13 @@ class EventStream:
 
     def _prepare(
         self,
-        payload: object,
+        payloads: Iterable[object],
         source: EventSource | str,
         type_name: str | None,
         cause: int | None,
         hidden: bool,
-    ) -> _Draft:
-        if isinstance(payload, Event):
-            raise ValueError(
-                f"event {payload.id} is already stored (it has an id); events are published "
-                f"once: to publish the same content again, publish event.payload"
-            )
+    ) -> list[_Draft]:
+        """Validate, mask and encode payloads: in the publisher's task, so errors raise there."""
         if not isinstance(source, EventSource):
             try:
                 source = EventSource(source)
@@ -274,13 +270,29 @@ class EventStream:
             )
         if type(hidden) is not bool:
             raise ValueError(f"hidden must be True or False, not {hidden!r}")
+        if type_name is not None and type_name not in self._type_json:
+            check_type_name(type_name)
+        return [self._encode(payload, source, type_name, cause, hidden) for payload in payloads]
+
+    def _encode(
+        self,
+        payload: object,
+        source: EventSource,
+        type_name: str | None,
+        cause: int | None,
+        hidden: bool,
+    ) -> _Draft:
         registry = self.registry
-        if isinstance(payload, dict):
+        if type(payload) is dict:
             if type_name is None:
                 raise ValueError("a dict payload needs type=: the event type name")
-            check_type_name(type_name)
             data: Any = payload
         else:
+            if isinstance(payload, Event):
+                raise ValueError(
+                    f"event {payload.id} is already stored (it has an id); events are "
+                    f"published once: to publish the same content again, publish event.payload"
+                )
             registered = registry.type_of(payload)
             if registered is None:
                 raise EventEncodeError(
@@ -293,14 +305,19 @@ class EventStream:
                 )
             type_name = registered
             data = registry.unstructure(payload)
-        payload_json = encode_json(data, f"payload of type {type_name!r}")
+        try:
+            payload_json = orjson.dumps(data)
+        except TypeError as exc:
+            raise EventEncodeError(
+                f"payload of type {type_name!r} cannot be encoded as JSON: {exc}"
+            ) from None
         masker = self._masker
         if masker and masker.may_contain(payload_json):
             data = masker.mask(data)
-            payload_json = encode_json(data, f"payload of type {type_name!r}")
-            if not isinstance(payload, dict):
+            payload_json = orjson.dumps(data)
+            if type(payload) is not dict:
                 payload = registry.structure(type_name, data)
-        if isinstance(payload, dict):
+        if type(payload) is dict:
             # A private copy, exactly as a durable store would give it back: the caller may go
             # on mutating its dict without touching the stored event.
             payload = orjson.loads(payload_json)
@@ -308,9 +325,9 @@ class EventStream:
         if type_json is None:
             type_json = self._type_json[type_name] = orjson.dumps(type_name)
         size = len(payload_json) + len(type_json) + _ENVELOPE_BYTES
-        if size > self._max_event_bytes:
-            raise EventTooLarge(size, self._max_event_bytes, type_name)
-        if size > _WARN_EVENT_BYTES:
+        if size > self._size_checked_above:
+            if size > self._max_event_bytes:
+                raise EventTooLarge(size, self._max_event_bytes, type_name)
             logger.warning(
                 "stream %r: large event of type %r (%d bytes)", self.stream_id, type_name, size
             )
