@@ -362,9 +362,8 @@ class EventStream:
                             events[0].id,
                             events[-1].id,
                         )
-                        failure = outcome.Error(exc)
                         for request in pending:
-                            request.complete(failure)
+                            request.complete(outcome.Error(exc))
                         continue
                     self._last_id = events[-1].id
                     self._published += len(events)
@@ -407,18 +406,16 @@ class EventStream:
         """Fail every request the writer will not store (it is ending, cancelled or broken)."""
         self._closed = True
         self._requests_send.close()
-        failure: outcome.Error = outcome.Error(
-            StreamClosed(f"stream {self.stream_id!r} closed before this event was stored")
-        )
+        message = f"stream {self.stream_id!r} closed before this event was stored"
         for request in in_flight:
             if request.result is None:
-                request.complete(failure)
+                request.complete(outcome.Error(StreamClosed(message)))
         while True:
             try:
                 request = self._requests.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            request.complete(failure)
+            request.complete(outcome.Error(StreamClosed(message)))
 
     @property
     def _dispatched_id(self) -> int:

@@ -237,9 +237,10 @@ class _Subscriber:
         self._reader: trio.lowlevel.Task | None = None
         self._router_waiter: trio.lowlevel.Task | None = None
         if after is None:
-            # Only events the router has not started to dispatch: a subscriber added while a
-            # batch is being dispatched receives only later events.
-            self.cursor = stream._dispatched_id
+            # Events published from now on: not those already stored, even if the router has
+            # yet to dispatch them (offer skips ids <= cursor), nor the rest of a batch being
+            # dispatched while this subscriber is added.
+            self.cursor = stream._log.last_id
             self.live = True
             self.state = SubscriberState.LIVE
         else:
@@ -326,9 +327,16 @@ class _Subscriber:
             trio.lowlevel.reschedule(task)
 
     def close(self, state: SubscriberState) -> None:
-        """No more events will be offered: the consumer ends once it has drained what is due."""
+        """No more events will be offered.
+
+        With ``CLOSED`` (the stream ended) the consumer still receives everything up to the
+        stream's last event, catching up from the store if it is behind; with ``STOPPED``
+        (unsubscribed) it ends now.
+        """
         self.closed = True
-        if self.state in (SubscriberState.LIVE, SubscriberState.CATCHING_UP):
+        if self.state is SubscriberState.LIVE or (
+            self.state is SubscriberState.CATCHING_UP and state is not SubscriberState.CLOSED
+        ):
             self.state = state
         self.wake()
         self._wake_router()
@@ -377,6 +385,9 @@ class _Subscriber:
         stream = self.stream
         target = stream._dispatched_id
         if self.cursor >= target:
+            if self.closed:
+                self.state = SubscriberState.CLOSED  # the stream ended: all is delivered
+                return
             # Level with the router: re-join in the same step as the check (no checkpoint).
             self.live = True
             self.state = SubscriberState.LIVE

@@ -1,0 +1,36 @@
+"""The README's quick start stays true: two commands, and CI runs the same test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_quick_start_is_two_commands() -> None:
+    commands = quick_start_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert "trio-events" in main_job
+    assert "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    _, test_command = quick_start_commands()
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines
+
+
+def test_main_job_command_is_a_cli_command() -> None:
+    from trio_events.cli import main
+
+    main_job, _ = quick_start_commands()
+    subcommand = main_job.split("trio-events", 1)[1].split()
+    assert main(subcommand) == 0
