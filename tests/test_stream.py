@@ -503,3 +503,18 @@ async def test_large_event_warns_and_over_limit_is_refused(
         with pytest.raises(te.EventTooLarge, match="max_event_bytes=3145728"):
             await stream.publish({"blob": "x" * (3 * 1024 * 1024)}, source=AGENT, type="big")
         assert (await stream.publish({}, source=AGENT, type="t")).id == 1
+
+
+async def test_in_thread_refuses_async_callbacks() -> None:
+    async with te.open_event_stream("s") as stream:
+        with pytest.raises(ValueError, match="in_thread=True is for blocking sync callbacks"):
+            stream.subscribe("t", Recorder(), "cb", in_thread=True)
+
+
+@pytest.mark.parametrize(("subscriber_id", "callback_id"), [("", "cb"), ("t", ""), (1, "cb")])
+async def test_subscriber_ids_are_non_empty_strings(
+    subscriber_id: object, callback_id: object
+) -> None:
+    async with te.open_event_stream("s") as stream:
+        with pytest.raises(ValueError, match="is a non-empty string"):
+            stream.subscribe(subscriber_id, Recorder(), callback_id)  # type: ignore[arg-type]

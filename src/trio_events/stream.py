@@ -54,6 +54,7 @@ from .subscribers import (
     Subscription,
     Supervision,
     _CallbackActor,
+    _is_async_callable,
     _Subscriber,
 )
 
@@ -458,6 +459,9 @@ class EventStream:
     ) -> _Subscriber:
         if self._closed:
             raise StreamClosed(f"stream {self.stream_id!r} is closed; subscribe while it is open")
+        for name, value in (("subscriber_id", subscriber_id), ("callback_id", callback_id)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} is a non-empty string, not {value!r}")
         key = (subscriber_id, callback_id)
         if key in self._subscribers:
             raise ValueError(
@@ -533,6 +537,11 @@ class EventStream:
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {callback!r}")
+        if in_thread and _is_async_callable(callback):
+            raise ValueError(
+                "in_thread=True is for blocking sync callbacks; an async callback already runs "
+                "without blocking the event loop"
+            )
         sub = self._new_subscriber(subscriber_id, callback_id, after, filter, buffer, overflow)
         actor = _CallbackActor(
             sub, callback, in_thread=in_thread, supervision=supervision or Supervision()

@@ -446,6 +446,13 @@ class _Subscriber:
         )
 
 
+def _is_async_callable(callback: object) -> bool:
+    """True for async functions (and partials of them) and objects with an async ``__call__``."""
+    return inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+        getattr(callback, "__call__", None)  # noqa: B004 - the method itself is inspected
+    )
+
+
 def _as_async(callback: Callback, in_thread: bool) -> Callable[[Event], Awaitable[object]]:
     if in_thread:
 
@@ -453,9 +460,7 @@ def _as_async(callback: Callback, in_thread: bool) -> Callable[[Event], Awaitabl
             return await trio.to_thread.run_sync(callback, event)
 
         return run_in_thread
-    if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
-        getattr(callback, "__call__", None)  # noqa: B004 - objects with an async __call__
-    ):
+    if _is_async_callable(callback):
         return callback  # type: ignore[return-value]
 
     async def run_sync(event: Event) -> object:
@@ -586,6 +591,10 @@ class Subscription:
     Iteration ends when the stream closes (after every due event has been delivered). With the
     ``DISCONNECT`` policy, falling behind raises `SubscriberDisconnected` once the queued events
     have been delivered.
+
+    Taking an already queued event does not yield to the scheduler (that is what makes batches
+    cheap); a consumer that never awaits anything else still yields whenever its queue runs
+    dry, at most every ``buffer`` events.
     """
 
     __slots__ = ("_sub",)
