@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from functools import partial
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -126,8 +128,11 @@ async def test_failed_append_fails_its_publishers_and_consumes_no_ids(
         recorder = Recorder()
         stream.subscribe("t", recorder, "cb")
         store.logs["s"].fail_with = OSError("disk full")
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(
+            te.StoreError, match=r"failed to append events 0\.\.0 \(OSError: disk full\)"
+        ) as info:
             await stream.publish({}, source=AGENT, type="t")
+        assert isinstance(info.value.__cause__, OSError)
         assert "failed to append events 0..0" in caplog.text
         event = await stream.publish({}, source=AGENT, type="t")
         assert event.id == 0
@@ -518,3 +523,46 @@ async def test_subscriber_ids_are_non_empty_strings(
     async with te.open_event_stream("s") as stream:
         with pytest.raises(ValueError, match="is a non-empty string"):
             stream.subscribe(subscriber_id, Recorder(), callback_id)  # type: ignore[arg-type]
+
+
+async def test_timestamps_continue_from_the_stored_history() -> None:
+    store = te.MemoryStore()
+    async with te.open_event_stream("s", store=store) as stream:
+        await publish_n(stream, 1)
+    log = await store.open_stream("s", te.default_registry)
+    future = log._events[0].timestamp.replace(year=2999)
+    log._events[0] = attrs.evolve(log._events[0], timestamp=future)  # a clock that was ahead
+    await log.aclose()
+    async with te.open_event_stream("s", store=store) as stream:
+        event = await stream.publish({}, source=AGENT, type="t")
+    assert event.timestamp == future
+
+
+@te.event_type("test.point")
+@attrs.frozen
+class Point:
+    x: int
+
+
+async def test_a_dict_published_under_a_registered_type_becomes_its_class() -> None:
+    async with te.open_event_stream("s") as stream:
+        event = await stream.publish({"x": 3}, source=AGENT, type="test.point")
+        assert event.payload == Point(3)
+        with pytest.raises(ValueError, match="does not fit Point"):
+            await stream.publish({"y": 3}, source=AGENT, type="test.point")
+        ordered = await stream.publish(OrderedDict(a=1), source=AGENT, type="t")
+        assert ordered.payload == {"a": 1}
+
+
+async def test_small_argument_errors() -> None:
+    async with te.open_event_stream("s") as stream:
+        with pytest.raises(TypeError, match="supervision is a Supervision"):
+            stream.subscribe("t", Recorder(), "cb", supervision={"retries": 1})  # type: ignore[arg-type]
+        async with stream.subscription() as sub:
+            with pytest.raises(ValueError, match="max_events"):
+                await sub.receive_batch(0)
+    with pytest.raises(te.StreamClosed):
+        await stream.publish_many([], source=AGENT, type="t")
+    with pytest.raises(ValueError, match="shutdown_timeout"):
+        async with te.open_event_stream("s", shutdown_timeout=float("nan")):
+            pass

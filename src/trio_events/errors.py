@@ -13,6 +13,7 @@ __all__ = [
     "EventTooLarge",
     "HistoryTruncated",
     "InvalidStreamId",
+    "StoreError",
     "StreamClosed",
     "SubscriberDisconnected",
     "TrioEventsError",
@@ -75,13 +76,21 @@ class HistoryTruncated(EventNotFound):
         self.first_id = first_id
 
 
+class StoreError(TrioEventsError):
+    """The store failed to append a batch; the batch was not stored and its ids are reused.
+
+    The store's own exception is the ``__cause__``.
+    """
+
+
 class SubscriberDisconnected(TrioEventsError):
     """A subscription with the ``DISCONNECT`` overflow policy fell behind and was stopped.
 
     Nothing was lost: subscribe again with ``after=last_id`` to resume.
 
     Attributes:
-        last_id: The id of the last event this subscription delivered (``-1`` if none).
+        last_id: The id up to which the subscription is done: every event up to it was
+            delivered (or skipped by its filter). Resume with ``after=last_id``.
     """
 
     def __init__(self, last_id: int, buffer: int) -> None:

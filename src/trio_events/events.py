@@ -54,11 +54,13 @@ class Event:
     """One stored event: immutable, with its id and timestamp assigned by the stream.
 
     Events are created by `EventStream.publish`, never by hand; to publish again what an event
-    carries, publish its ``payload``.
+    carries, publish its ``payload``. Events compare equal field by field; they are not
+    hashable (payloads are often dicts): key them by ``(stream_id, event.id)``.
 
     Attributes:
         id: Dense, per-stream, starting at 0, in publish order.
-        timestamp: When the stream's writer committed it, timezone-aware UTC.
+        timestamp: When the stream's writer took it into a batch (the events of one batch share
+            it), timezone-aware UTC; never earlier than the previous event's.
         source: Who produced it.
         type: The payload's type name (see `event_type`).
         payload: An instance of the registered class, or a plain ``dict``.

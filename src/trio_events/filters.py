@@ -35,8 +35,8 @@ def _type_names(types: TypeSpec | Iterable[TypeSpec] | None) -> frozenset[str] |
             name = default_registry.name_for(item)
             if name is None:
                 raise ValueError(
-                    f"{item.__qualname__} is not a registered event type: decorate it with "
-                    f"@event_type(NAME), or filter by the type name instead"
+                    f"{item.__qualname__} is not registered with @event_type(NAME) in the "
+                    f"default registry; filter by its type name instead"
                 )
             names.add(name)
         else:

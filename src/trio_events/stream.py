@@ -32,7 +32,14 @@ import orjson
 import outcome
 import trio
 
-from .errors import EventEncodeError, EventNotFound, EventTooLarge, StreamClosed
+from .errors import (
+    EventDecodeError,
+    EventEncodeError,
+    EventNotFound,
+    EventTooLarge,
+    StoreError,
+    StreamClosed,
+)
 from .events import (
     Event,
     EventSource,
@@ -156,6 +163,7 @@ class EventStream:
         max_event_bytes: int,
         publish_buffer: int,
         max_batch: int,
+        last_timestamp: datetime,
     ) -> None:
         self.stream_id = stream_id
         self.registry = registry
@@ -172,7 +180,7 @@ class EventStream:
         )
         self._batches_send, self._batches = trio.open_memory_channel[list[Event]](8)
         self._last_id = log.last_id
-        self._last_timestamp = datetime.min.replace(tzinfo=UTC)
+        self._last_timestamp = last_timestamp
         self._dispatched_id_value = log.last_id
         self._published = 0
         self._batch_count = 0
@@ -229,6 +237,8 @@ class EventStream:
         """
         drafts = self._prepare(payloads, source, type, cause, hidden)
         if not drafts:
+            if self._closed:
+                raise StreamClosed(f"stream {self.stream_id!r} is closed")
             await trio.lowlevel.checkpoint()
             return []
         return await self._submit(drafts)
@@ -284,10 +294,19 @@ class EventStream:
         hidden: bool,
     ) -> _Draft:
         registry = self.registry
-        if type(payload) is dict:
+        if isinstance(payload, dict):
             if type_name is None:
                 raise ValueError("a dict payload needs type=: the event type name")
             data: Any = payload
+            if registry.class_for(type_name) is not None:
+                # A registered type is always delivered as its class, whichever store it
+                # comes back from: build the instance now, so a dict that does not fit fails
+                # here, in the publisher, and not when the event is read back.
+                try:
+                    payload = registry.structure(type_name, payload)
+                except EventDecodeError as exc:
+                    raise ValueError(f"dict payload for registered type: {exc}") from None
+                data = registry.unstructure(payload)
         else:
             if isinstance(payload, Event):
                 raise ValueError(
@@ -316,9 +335,9 @@ class EventStream:
         if masker and masker.may_contain(payload_json):
             data = masker.mask(data)
             payload_json = orjson.dumps(data)
-            if type(payload) is not dict:
+            if not isinstance(payload, dict):
                 payload = registry.structure(type_name, data)
-        if type(payload) is dict:
+        if isinstance(payload, dict):
             # A private copy, exactly as a durable store would give it back: the caller may go
             # on mutating its dict without touching the stored event.
             payload = orjson.loads(payload_json)
@@ -357,14 +376,17 @@ class EventStream:
                     try:
                         await log.append(events)
                     except Exception as exc:
+                        what = f"events {events[0].id}..{events[-1].id}"
                         logger.exception(
-                            "stream %r: the store failed to append events %d..%d",
-                            self.stream_id,
-                            events[0].id,
-                            events[-1].id,
+                            "stream %r: the store failed to append %s", self.stream_id, what
                         )
                         for request in pending:
-                            request.complete(outcome.Error(exc))
+                            error = StoreError(
+                                f"stream {self.stream_id!r}: the store failed to append {what} "
+                                f"({exc.__class__.__name__}: {exc}); nothing was stored"
+                            )
+                            error.__cause__ = exc
+                            request.complete(outcome.Error(error))
                         continue
                     self._last_id = events[-1].id
                     self._published += len(events)
@@ -537,6 +559,8 @@ class EventStream:
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {callback!r}")
+        if supervision is not None and not isinstance(supervision, Supervision):
+            raise TypeError(f"supervision is a Supervision or None, not {supervision!r}")
         if in_thread and _is_async_callable(callback):
             raise ValueError(
                 "in_thread=True is for blocking sync callbacks; an async callback already runs "
@@ -761,7 +785,7 @@ async def open_event_stream(
     ):
         if type(value) is not int or value < low:
             raise ValueError(f"{name} is an integer >= {low}, not {value!r}")
-    if shutdown_timeout < 0:
+    if not shutdown_timeout >= 0:  # also refuses NaN
         raise ValueError(f"shutdown_timeout is >= 0 seconds, not {shutdown_timeout!r}")
     own_store = store is None
     the_store: EventStore = MemoryStore() if store is None else store
@@ -769,6 +793,10 @@ async def open_event_stream(
     log = await the_store.open_stream(stream_id, registry)
     single: BaseException | None = None
     try:
+        # Timestamps continue from the stored history, so they never go backwards along ids.
+        last_timestamp = datetime.min.replace(tzinfo=UTC)
+        if log.last_id >= 0:
+            last_timestamp = (await log.read(log.last_id, log.last_id, limit=1))[0].timestamp
         try:
             async with trio.open_nursery() as nursery:
                 stream = EventStream(
@@ -779,6 +807,7 @@ async def open_event_stream(
                     max_event_bytes=max_event_bytes,
                     publish_buffer=publish_buffer,
                     max_batch=max_batch,
+                    last_timestamp=last_timestamp,
                 )
                 nursery.start_soon(stream._run_writer, name=f"writer {stream_id}")
                 nursery.start_soon(stream._run_router, name=f"router {stream_id}")

@@ -94,7 +94,7 @@ class SubscriberState(enum.Enum):
     CATCHING_UP = "catching_up"
     """Reading history from the store (after ``after=``, or after falling behind)."""
     CLOSED = "closed"
-    """The stream closed and everything was delivered."""
+    """The stream closed: nothing more will be queued (what is queued is still delivered)."""
     STOPPED = "stopped"
     """Unsubscribed, or the subscription's block was left."""
     FAILED = "failed"
@@ -157,7 +157,8 @@ class SubscriberStats:
         queue_depth: Events queued now.
         lag: Events published but not yet delivered to this subscriber (counting events its
             filter will skip).
-        last_id: The id of the last event offered to this subscriber.
+        last_id: The id up to which this subscriber is done (delivered, or skipped by its
+            filter or a ``DROP_*`` policy): resume with ``after=last_id``.
         state: Where the subscriber is in its life.
     """
 
@@ -302,6 +303,8 @@ class _Subscriber:
     def _detach(self, state: SubscriberState) -> None:
         self.live = False
         self.state = state
+        # A router parked on this subscriber's room (BLOCK) must not wait for it any longer.
+        self._wake_router()
 
     def wake(self) -> None:
         """Ring the doorbell: wake the consumer if it is waiting."""
@@ -360,7 +363,7 @@ class _Subscriber:
         """
         while not self.queue:
             if self.state is SubscriberState.DISCONNECTED:
-                raise SubscriberDisconnected(self.cursor, self.buffer)
+                raise SubscriberDisconnected(self.position, self.buffer)
             if not self.live and self.state is SubscriberState.CATCHING_UP:
                 await self._catch_up_step()
                 continue
@@ -441,7 +444,7 @@ class _Subscriber:
             catch_ups=self.catch_ups,
             queue_depth=len(self.queue),
             lag=max(0, last_id - pending_from),
-            last_id=self.cursor,
+            last_id=self.position,
             state=self.state,
         )
 
@@ -616,6 +619,8 @@ class Subscription:
 
         Useful to consume in batches, for example to send several events in one frame.
         """
+        if max_events is not None and (type(max_events) is not int or max_events < 1):
+            raise ValueError(f"max_events is None or an integer >= 1, not {max_events!r}")
         sub = self._sub
         if not sub.queue and not await sub.fill():
             return []

@@ -48,7 +48,8 @@ class StreamLog(Protocol):
     - ``epoch`` identifies this incarnation of the stream's history; it changes when the history
       is reset, so that an id from another incarnation can be recognised.
     - `append` is given events whose ids continue ``last_id`` densely; when it returns, they are
-      stored as durably as the store promises.
+      stored as durably as the store promises. An append that raises or is cancelled must
+      leave the log as it was (the writer gives the same ids to the next batch).
     - `read` returns events with ids in ``[start_id, end_id]`` in increasing order (decreasing
       with ``reverse``), at most ``limit`` of them. It raises `HistoryTruncated` when the first
       event it would return is no longer retained; a reverse read that reaches the retention

@@ -30,17 +30,21 @@ class MemoryStreamLog:
 
     @property
     def epoch(self) -> str:
+        """This incarnation of the stream's history."""
         return self._epoch
 
     @property
     def first_id(self) -> int:
+        """The earliest id still retained."""
         return self._first_id
 
     @property
     def last_id(self) -> int:
+        """The id of the last event, ``-1`` when empty."""
         return self._first_id + len(self._events) - self._offset - 1
 
     async def append(self, events: Sequence[Event]) -> None:
+        """Add events continuing ``last_id`` densely, dropping the oldest beyond retention."""
         # Checkpoint first: a cancelled append must have stored nothing.
         await trio.lowlevel.checkpoint()
         if events and events[0].id != self.last_id + 1:
@@ -62,6 +66,7 @@ class MemoryStreamLog:
     async def read(
         self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
     ) -> Sequence[Event]:
+        """Events in ``[start_id, end_id]``, as the `StreamLog` contract says."""
         await trio.lowlevel.checkpoint()
         return self._read(start_id, end_id, reverse, limit)
 
@@ -77,13 +82,14 @@ class MemoryStreamLog:
             stop = min(end_id, start_id + limit - 1)
             return self._events[base + start_id : base + stop + 1]
         if end_id < first:
-            raise HistoryTruncated(end_id, first)
+            raise HistoryTruncated(start_id, first)
         low = max(start_id, end_id - limit + 1, first)
         chunk = self._events[base + low : base + end_id + 1]
         chunk.reverse()
         return chunk
 
     async def aclose(self) -> None:
+        """Close this handle; the history stays in the store."""
         self._open = False
         await trio.lowlevel.checkpoint()
 
@@ -106,6 +112,7 @@ class MemoryStore:
         self._logs: dict[str, MemoryStreamLog] = {}
 
     async def open_stream(self, stream_id: str, registry: PayloadRegistry) -> MemoryStreamLog:
+        """The log of `stream_id`, created empty if new. One open handle per stream."""
         check_stream_id(stream_id)
         log = self._logs.get(stream_id)
         if log is None:
@@ -113,13 +120,14 @@ class MemoryStore:
         if log._open:
             raise RuntimeError(
                 f"stream {stream_id!r} is already open on this store; share the open "
-                f"EventStream (an EventHub does this) instead of opening it twice"
+                f"EventStream instead of opening it twice"
             )
         log._open = True
         await trio.lowlevel.checkpoint()
         return log
 
     async def reset_stream(self, stream_id: str) -> None:
+        """Forget a (closed) stream's history; it starts again empty, with a new epoch."""
         check_stream_id(stream_id)
         log = self._logs.get(stream_id)
         if log is not None and log._open:
@@ -128,4 +136,5 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
+        """Nothing to release: histories live as long as the store object."""
         await trio.lowlevel.checkpoint()
