@@ -566,3 +566,24 @@ async def test_small_argument_errors() -> None:
     with pytest.raises(ValueError, match="shutdown_timeout"):
         async with te.open_event_stream("s", shutdown_timeout=float("nan")):
             pass
+
+
+async def test_iterator_behind_when_the_log_closes_gets_a_clear_error() -> None:
+    seen: list[int] = []
+    gate = trio.Event()
+    async with trio.open_nursery() as outside:
+        async with te.open_event_stream("s") as stream:
+            await publish_n(stream, 10)
+
+            async def consume(task_status: trio.TaskStatus[None]) -> None:
+                async with stream.subscription(after=-1, buffer=2) as sub:
+                    task_status.started()
+                    with pytest.raises(te.StreamClosed, match=r"8 events behind.*after=1$"):
+                        async for event in sub:
+                            seen.append(event.id)
+                            if event.id == 1:
+                                await gate.wait()  # still behind when the stream closes
+
+            await outside.start(consume)
+        gate.set()
+    assert seen == [0, 1]

@@ -168,6 +168,7 @@ class EventStream:
         self.stream_id = stream_id
         self.registry = registry
         self._log = log
+        self._log_closed = False
         self._nursery = nursery
         self._max_event_bytes = max_event_bytes
         # One comparison per event on the common path: sizes below both limits need nothing.
@@ -791,6 +792,7 @@ async def open_event_stream(
     the_store: EventStore = MemoryStore() if store is None else store
     registry = default_registry if registry is None else registry
     log = await the_store.open_stream(stream_id, registry)
+    stream: EventStream | None = None
     single: BaseException | None = None
     try:
         # Timestamps continue from the stored history, so they never go backwards along ids.
@@ -829,6 +831,8 @@ async def open_event_stream(
                 raise
     finally:
         with trio.CancelScope(shield=True):
+            if stream is not None:
+                stream._log_closed = True
             await log.aclose()
             if own_store:
                 await the_store.aclose()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from .errors import HistoryTruncated, SubscriberDisconnected
+from .errors import HistoryTruncated, StreamClosed, SubscriberDisconnected
 from .events import Event, PayloadRegistry
 from .filters import EventFilter
 
@@ -183,6 +183,7 @@ class _StreamView(Protocol):
     stream_id: str
     registry: PayloadRegistry
     _log: StreamLog
+    _log_closed: bool
 
     @property
     def _dispatched_id(self) -> int: ...
@@ -395,6 +396,14 @@ class _Subscriber:
             self.live = True
             self.state = SubscriberState.LIVE
             return
+        if stream._log_closed:
+            # Only an iterator consumed outside the stream's block gets here: the history it
+            # still needs can no longer be read through this stream.
+            raise StreamClosed(
+                f"stream {stream.stream_id!r} closed while this subscription was "
+                f"{target - self.cursor} events behind; open it again and resume with "
+                f"after={self.position}"
+            )
         chunk = min(self.buffer, _MAX_CATCH_UP_READ)
         try:
             events = await stream._log.read(self.cursor + 1, target, limit=chunk)
@@ -591,7 +600,9 @@ class Subscription:
             async for event in sub:
                 ...
 
-    Iteration ends when the stream closes (after every due event has been delivered). With the
+    Iteration ends when the stream closes (after every due event has been delivered); an
+    iterator consumed outside the stream's block that is still catching up from the store when
+    the stream's log closes raises `StreamClosed` saying where to resume. With the
     ``DISCONNECT`` policy, falling behind raises `SubscriberDisconnected` once the queued events
     have been delivered.
 
