@@ -587,3 +587,12 @@ async def test_iterator_behind_when_the_log_closes_gets_a_clear_error() -> None:
             await outside.start(consume)
         gate.set()
     assert seen == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+async def test_non_finite_floats_are_refused_not_stored_as_null(bad: float) -> None:
+    async with te.open_event_stream("s") as stream:
+        with pytest.raises(te.EventEncodeError, match="NaN or infinity"):
+            await stream.publish({"a": [1, {"b": bad}]}, source=AGENT, type="t")
+        event = await stream.publish({"a": None, "b": 1.5}, source=AGENT, type="t")
+        assert event.payload == {"a": None, "b": 1.5}

@@ -293,7 +293,12 @@ def event_from_dict(
     hidden = data["hidden"]
     if type(hidden) is not bool:
         raise EventDecodeError(f"event {id_}: hidden must be true or false, not {hidden!r}")
-    payload = (registry or default_registry).structure(type_name, data["payload"])
+    reg = registry or default_registry
+    if reg.class_for(type_name) is None and not isinstance(data["payload"], dict):
+        raise EventDecodeError(
+            f"event {id_}: payload must be a JSON object, not {type(data['payload']).__name__}"
+        )
+    payload = reg.structure(type_name, data["payload"])
     return Event(id_, timestamp, source, type_name, payload, cause, hidden, _json=raw)
 
 
@@ -328,4 +333,7 @@ def parse_timestamp(value: object) -> datetime:
         raise TypeError(f"expected an ISO 8601 string or a datetime, not {value!r}")
     if ts.tzinfo is None:
         return ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value!r} is outside the range of datetimes once in UTC") from None

@@ -42,8 +42,9 @@ class SecretMasker:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        # Longest first, so that a secret containing another is masked whole.
-        values = sorted({v for v in self._secrets.values() if v}, key=len, reverse=True)
+        # Longest first, so that a secret containing another is masked whole (then by value,
+        # so that overlapping secrets of one length are masked the same way in every run).
+        values = sorted({v for v in self._secrets.values() if v}, key=lambda v: (-len(v), v))
         self._values = tuple(values)
         self._needles = tuple(orjson.dumps(v)[1:-1] for v in values)
 

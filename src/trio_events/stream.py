@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -73,8 +74,12 @@ DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 _WARN_EVENT_BYTES = 1024 * 1024
 # The most an envelope adds around a payload: the field names, a 20-digit id and cause, a
 # timestamp, the longest source; plus the type name's own JSON (added per event).
-_ENVELOPE_BYTES = len(assemble_event_json(0, b"", EventSource.ENVIRONMENT, b"", None, False, b""))
-_ENVELOPE_BYTES += 2 * 20 + len(timestamp_json(datetime.now(UTC)))
+# An event's JSON is its payload's and type's JSON plus a fixed envelope, plus the digits of its
+# id and cause and the source's name. Timestamps always have the same length.
+_FIXED_ENVELOPE_BYTES = len(
+    assemble_event_json(0, timestamp_json(datetime.now(UTC)), EventSource.AGENT, b"", 0, False, b"")
+) - len(b'00"agent"')
+_SOURCE_BYTES = {source: len(source.value) + 2 for source in EventSource}
 _SEARCH_PAGE = 512
 
 
@@ -189,6 +194,7 @@ class EventStream:
         self._actors: dict[tuple[str, str], _CallbackActor] = {}
         self._fanout: tuple[_Subscriber, ...] = ()
         self._type_json: dict[str, bytes] = {}
+        self._envelope_bytes = _FIXED_ENVELOPE_BYTES
         self._iterator_ids = itertools.count()
 
     # --- publishing ---------------------------------------------------------------------------
@@ -284,6 +290,10 @@ class EventStream:
             raise ValueError(f"hidden must be True or False, not {hidden!r}")
         if type_name is not None and type_name not in self._type_json:
             check_type_name(type_name)
+        # The size check counts the id with the digits of the next id now; ids of ten digits
+        # cover ten billion events, so at most a rare event that crosses a power of ten while
+        # queued ends up one byte over.
+        self._envelope_bytes = _FIXED_ENVELOPE_BYTES + len(str(self._last_id + 1))
         return [self._encode(payload, source, type_name, cause, hidden) for payload in payloads]
 
     def _encode(
@@ -332,6 +342,13 @@ class EventStream:
             raise EventEncodeError(
                 f"payload of type {type_name!r} cannot be encoded as JSON: {exc}"
             ) from None
+        # JSON has no NaN or infinity, and orjson writes them as null: refuse rather than
+        # store something else than what was published. Only payloads with a null are walked.
+        if b"null" in payload_json and _has_non_finite_float(data):
+            raise EventEncodeError(
+                f"payload of type {type_name!r} contains NaN or infinity, which JSON cannot "
+                f"represent; encode such values as strings or null"
+            )
         masker = self._masker
         if masker and masker.may_contain(payload_json):
             data = masker.mask(data)
@@ -345,7 +362,14 @@ class EventStream:
         type_json = self._type_json.get(type_name)
         if type_json is None:
             type_json = self._type_json[type_name] = orjson.dumps(type_name)
-        size = len(payload_json) + len(type_json) + _ENVELOPE_BYTES
+        size = (
+            len(payload_json)
+            + len(type_json)
+            + self._envelope_bytes
+            + _SOURCE_BYTES[source]
+            + (4 if cause is None else len(str(cause)))
+            - (1 if hidden else 0)  # "true" is one byte shorter than "false"
+        )
         if size > self._size_checked_above:
             if size > self._max_event_bytes:
                 raise EventTooLarge(size, self._max_event_bytes, type_name)
@@ -839,6 +863,16 @@ async def open_event_stream(
     if single is not None:
         # Raised here, outside the except block, so it is not chained to the group.
         raise single
+
+
+def _has_non_finite_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite_float(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite_float(item) for item in value)
+    return False
 
 
 def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
