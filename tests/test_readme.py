@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,9 +30,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in ci_lines
 
 
-def test_main_job_command_is_a_cli_command() -> None:
+def test_main_job_command_is_a_cli_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trio_events.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the demo writes its data directory here
     main_job, _ = quick_start_commands()
     subcommand = main_job.split("trio-events", 1)[1].split()
     assert main(subcommand) == 0

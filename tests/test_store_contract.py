@@ -6,6 +6,9 @@ against it (appends, reopens, forward and reverse reads with limits, reads below
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -15,12 +18,33 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trio_events as te
+from trio_events.store.log import LogStore
+from trio_events.store.openhands import OpenHandsStore
+
+# Hypothesis examples cannot use function-scoped fixtures: each LogStore gets a fresh directory
+# under one root that is removed when the test session ends.
+_TMP_ROOT = tempfile.mkdtemp(prefix="trio-events-contract-")
+atexit.register(shutil.rmtree, _TMP_ROOT, ignore_errors=True)
+
+
+def _log_store(**options: object) -> Callable[[], te.EventStore]:
+    def make() -> te.EventStore:
+        return LogStore(tempfile.mkdtemp(dir=_TMP_ROOT), **options)  # type: ignore[arg-type]
+
+    return make
+
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 STORES: dict[str, Callable[[], te.EventStore]] = {
     "memory": te.MemoryStore,
     "memory-retained": lambda: te.MemoryStore(max_events=7),
+    "log": _log_store(),
+    # Tiny segments and no tail cache: every read goes to disk, across many segments.
+    "log-small-segments": _log_store(segment_bytes=4096, cache_events=0, durability="none"),
+    # A fresh OpenHands root per example; small pages so that reads cross page boundaries.
+    "openhands": lambda: OpenHandsStore(tempfile.mkdtemp(dir=_TMP_ROOT)),
+    "openhands-pages3": lambda: OpenHandsStore(tempfile.mkdtemp(dir=_TMP_ROOT), cache_size=3),
 }
 RETAINED = {"memory-retained": 7}
 

@@ -11,12 +11,14 @@ with backpressure from bounded queues and clean shutdown from structured concurr
 """
 
 from .errors import (
+    CorruptLogError,
     EventDecodeError,
     EventEncodeError,
     EventNotFound,
     EventTooLarge,
     HistoryTruncated,
     InvalidStreamId,
+    OpenHandsFormatError,
     StoreError,
     StreamClosed,
     SubscriberDisconnected,
@@ -35,7 +37,15 @@ from .events import (
 )
 from .filters import EventFilter
 from .secrets import MASK
-from .store import EventStore, MemoryStore, StreamLog, check_stream_id
+from .store import (
+    EventStore,
+    LogStore,
+    MemoryStore,
+    OpenHandsStore,
+    RecoveryReport,
+    StreamLog,
+    check_stream_id,
+)
 from .stream import EventStream, StreamStats, open_event_stream
 from .subscribers import (
     Overflow,
@@ -49,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MASK",
+    "CorruptLogError",
     "Event",
     "EventDecodeError",
     "EventEncodeError",
@@ -60,9 +71,13 @@ __all__ = [
     "EventTooLarge",
     "HistoryTruncated",
     "InvalidStreamId",
+    "LogStore",
     "MemoryStore",
+    "OpenHandsFormatError",
+    "OpenHandsStore",
     "Overflow",
     "PayloadRegistry",
+    "RecoveryReport",
     "StoreError",
     "StreamClosed",
     "StreamLog",

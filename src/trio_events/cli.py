@@ -1,28 +1,40 @@
 """The ``trio-events`` command.
 
-``trio-events demo`` runs a short, self-explaining session on the embedded default store:
-publishing, live subscribers, a late subscriber catching up from history, a stalled subscriber
-that loses nothing, secret masking, and a search of the history.
+- ``trio-events demo`` runs a short, self-explaining session on the embedded default store (a
+  `LogStore` in ``--data-dir``): publishing, live subscribers, a stalled subscriber that loses
+  nothing, a late subscriber replaying history, secret masking, search. Run it twice: the second
+  run finds the first run's events on disk.
+- ``trio-events import-openhands ROOT SID --data-dir DIR`` copies an OpenHands conversation into
+  a stream; ``trio-events export-openhands STREAM ROOT --data-dir DIR`` writes one back out.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import attrs
 import trio
 import trio.testing
 
 from . import __version__
+from .errors import TrioEventsError
 from .events import Event, EventSource, PayloadRegistry
 from .filters import EventFilter
+from .openhands import export_conversation, import_conversation
+from .store.base import EventStore
+from .store.log import LogStore
 from .store.memory import MemoryStore
 from .stream import open_event_stream
 from .subscribers import Overflow
 
 __all__ = ["main"]
+
+DEFAULT_DATA_DIR = "./trio-events-data"
 
 
 @attrs.frozen
@@ -38,12 +50,18 @@ def _show(prefix: str, event: Event) -> None:
     print(f"  {prefix:<9} #{event.id} {event.source.value:<11} {event.type:<13} {payload}{cause}")
 
 
-async def _demo(events: int) -> None:
+async def _demo(store: EventStore, where: str, events: int) -> None:
     registry = PayloadRegistry()
     registry.register("chat.message", ChatMessage)
-    async with open_event_stream("demo", store=MemoryStore(), registry=registry) as stream:
+    async with open_event_stream("demo", store=store, registry=registry) as stream:
+        earlier = stream.get_latest_event_id() + 1
+        print(f"Stream 'demo' is open on {where}.")
+        if earlier:
+            print(
+                f"  It already holds {earlier} events from earlier runs: ids continue from there."
+            )
         stream.set_secrets({"api_key": "sk-demo-1234"})
-        print("A stream 'demo' is open. One live subscriber prints every event as it arrives:")
+        print("One live subscriber prints every event as it arrives:")
 
         def live(event: Event) -> None:
             _show("live", event)
@@ -59,7 +77,7 @@ async def _demo(events: int) -> None:
             type="tool.run",
             cause=question.id,
         )
-        await stream.publish(ChatMessage("Deployed."), source=EventSource.AGENT)
+        answer = await stream.publish(ChatMessage("Deployed."), source=EventSource.AGENT)
         await _settle()
         print("  (the secret was masked before the events were stored or delivered)\n")
 
@@ -91,17 +109,19 @@ async def _demo(events: int) -> None:
         await _settle()
         expected = list(range(first, first + events))
         verdict = "every event, in order, none twice" if received == expected else "MISMATCH"
-        print(f"  released: it received {len(received)} events from the store: {verdict}\n")
+        print(f"  released: it received {len(received)} events via the store: {verdict}\n")
 
-        print("A late subscriber asks for history after event 0, then follows live:")
-        async with stream.subscription(after=0, filter=EventFilter(exclude_types=["tick"])) as sub:
+        print(f"A late subscriber asks for history after event {question.id}, then follows live:")
+        async with stream.subscription(
+            after=question.id, filter=EventFilter(exclude_types=["tick"])
+        ) as sub:
             async for event in sub:
                 _show("replayed", event)
-                if event.id >= 2:
+                if event.id >= answer.id:
                     break
-        print("\nSearch, newest first, for agent events mentioning 'deploy':")
+        print("\nSearch, newest first, for the last 2 agent events mentioning 'deploy':")
         async for event in stream.search_events(
-            reverse=True, filter=EventFilter(source="agent", query="DEPLOY")
+            reverse=True, filter=EventFilter(source="agent", query="DEPLOY"), limit=2
         ):
             _show("found", event)
         final = stream.statistics()
@@ -116,25 +136,142 @@ async def _settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``trio-events`` console script."""
+def _secrets_from_env(names: Sequence[str]) -> dict[str, str]:
+    """Secret values named by environment variable, so that they never appear in argv."""
+    secrets = {}
+    for name in names:
+        value = os.environ.get(name)
+        if value is None:
+            raise SystemExit(f"trio-events: --secret-env {name}: no such environment variable")
+        secrets[name] = value
+    return secrets
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], object]]:
+    """A rich progress bar on stderr, driven by (done, total) callbacks."""
+    from rich.progress import Progress
+
+    with Progress(transient=False, redirect_stdout=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+async def _import(args: argparse.Namespace) -> None:
+    store = LogStore(args.data_dir)
+    stream_id = args.stream or args.sid
+    try:
+        with _progress(f"importing {args.sid}") as progress:
+            count = await import_conversation(
+                args.root,
+                args.sid,
+                store,
+                stream_id,
+                user_id=args.user_id,
+                secrets=_secrets_from_env(args.secret_env),
+                progress=progress,
+            )
+    finally:
+        await store.aclose()
+    print(f"imported {count} events into stream {stream_id!r} in {args.data_dir}")
+
+
+async def _export(args: argparse.Namespace) -> None:
+    store = LogStore(args.data_dir)
+    sid = args.sid or args.stream
+    try:
+        with _progress(f"exporting {args.stream}") as progress:
+            count = await export_conversation(
+                store,
+                args.stream,
+                args.root,
+                sid,
+                user_id=args.user_id,
+                cache_size=args.cache_size,
+                secrets=_secrets_from_env(args.secret_env),
+                progress=progress,
+            )
+    finally:
+        await store.aclose()
+    print(f"exported {count} events of stream {args.stream!r} to {args.root} as {sid!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-events", description="An actor-model event dispatcher on Trio."
     )
     parser.add_argument("--version", action="version", version=f"trio-events {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="run a short demonstration on the embedded default store"
+
+    demo = commands.add_parser("demo", help="run a short demonstration on the embedded store")
+    demo.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"where the LogStore keeps its files (default {DEFAULT_DATA_DIR})",
+    )
+    demo.add_argument(
+        "--memory", action="store_true", help="use a MemoryStore instead (nothing on disk)"
     )
     demo.add_argument(
         "--events", type=int, default=1000, help="events for the slow subscriber (default 1000)"
     )
+
+    secret_help = "mask the value of this environment variable (repeatable)"
+    imp = commands.add_parser(
+        "import-openhands", help="copy an OpenHands conversation into a stream"
+    )
+    imp.add_argument("root", type=Path, help="OpenHands file store root (holds sessions/)")
+    imp.add_argument("sid", help="the conversation id")
+    imp.add_argument("--data-dir", required=True, help="the LogStore directory to import into")
+    imp.add_argument("--stream", help="stream id to create (default: the conversation id)")
+    imp.add_argument("--user-id", help="read users/USER_ID/conversations/SID instead")
+    imp.add_argument("--secret-env", action="append", default=[], metavar="VAR", help=secret_help)
+
+    exp = commands.add_parser(
+        "export-openhands", help="write a stream out as an OpenHands conversation"
+    )
+    exp.add_argument("stream", help="the stream id to export")
+    exp.add_argument("root", type=Path, help="OpenHands file store root to write into")
+    exp.add_argument("--data-dir", required=True, help="the LogStore directory holding it")
+    exp.add_argument("--sid", help="conversation id to write (default: the stream id)")
+    exp.add_argument("--user-id", help="write users/USER_ID/conversations/SID instead")
+    exp.add_argument("--cache-size", type=int, default=25, help="events per cache page (25)")
+    exp.add_argument("--secret-env", action="append", default=[], metavar="VAR", help=secret_help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trio-events`` console script."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.events < 1:
-            parser.error("--events must be at least 1")
-        trio.run(_demo, args.events)
+    try:
+        if args.command == "demo":
+            if args.events < 1:
+                parser.error("--events must be at least 1")
+            if args.memory:
+                trio.run(_demo, MemoryStore(), "a MemoryStore", args.events)
+            else:
+                store = LogStore(args.data_dir)
+                trio.run(_run_and_close, store, args.data_dir, args.events)
+        elif args.command == "import-openhands":
+            trio.run(_import, args)
+        else:
+            trio.run(_export, args)
+    except (TrioEventsError, ValueError, OSError) as exc:
+        print(f"trio-events {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _run_and_close(store: LogStore, data_dir: str, events: int) -> None:
+    try:
+        await _demo(store, f"a LogStore in {data_dir}", events)
+    finally:
+        await store.aclose()
 
 
 if __name__ == "__main__":  # pragma: no cover

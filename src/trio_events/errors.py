@@ -6,13 +6,17 @@ Every exception says what went wrong and what to do about it. The bases are stan
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
+    "CorruptLogError",
     "EventDecodeError",
     "EventEncodeError",
     "EventNotFound",
     "EventTooLarge",
     "HistoryTruncated",
     "InvalidStreamId",
+    "OpenHandsFormatError",
     "StoreError",
     "StreamClosed",
     "SubscriberDisconnected",
@@ -100,3 +104,21 @@ class SubscriberDisconnected(TrioEventsError):
             f"or overflow=CATCH_UP"
         )
         self.last_id = last_id
+
+
+class CorruptLogError(TrioEventsError):
+    """A segment file holds bytes that are not valid records where valid records must be.
+
+    Attributes:
+        path: The file.
+        offset: The byte offset of the first damaged record in it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, detail: str) -> None:
+        super().__init__(f"{os.fspath(path)}: corrupt at byte offset {offset}: {detail}")
+        self.path = os.fspath(path)
+        self.offset = offset
+
+
+class OpenHandsFormatError(EventDecodeError):
+    """An OpenHands event dict (or file) cannot be mapped to an `Event`; says where and why."""

@@ -1,0 +1,249 @@
+"""Durable store throughput: publishing through a real `EventStream` on `LogStore`, and replay.
+
+Scenarios (each on a fresh directory, events of about 200 bytes of JSON):
+
+* **fsync, 1 publisher** -- one task awaiting each ``publish``: every event is its own group
+  commit, so this is bound by the disk's sync latency (also reported: p50/p99 publish latency).
+* **fsync, 16 publishers** -- 16 concurrent tasks each awaiting ``publish``: the writer commits
+  whatever is waiting in one batch with one sync (group commit).
+* **fsync, 256 publishers** -- the same with 256 tasks: bigger batches per sync.
+* **fsync, publish_many(256)** -- one task publishing batches of 256.
+* **none, 1 / 16 publishers** -- ``durability="none"``: written to the OS, never synced.
+* **cold replay** -- a new `LogStore` (empty tail cache, nothing indexed) on the directory of
+  ``--replay`` events, reading them all with ``search_events``. The OS page cache is warm: this
+  measures the store's framing, checksum and decode cost, not the disk.
+
+Every acknowledged id is checked to be dense, and the replay to return every event in order.
+
+Run from the project root::
+
+    .venv/bin/python benchmarks/store.py                 # table
+    .venv/bin/python benchmarks/store.py --json --dir /path/on/the/disk/to/measure
+
+``--dir`` matters: a tmpfs (``/dev/shm``) has free syncs; the default is a temporary directory
+under ``$TMPDIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import trio_events as te
+from trio_events.store.log import LogStore
+
+PAYLOAD = {"content": "x" * 120, "tool": "bash", "exit_code": 0}
+
+
+@dataclass
+class Result:
+    scenario: str
+    events: int
+    seconds: float
+    rate: float  # events/s
+    note: str = ""
+    # Filled in later by the OpenHands-format comparison (OpenHandsStore / the seed's file
+    # store on the same scenarios); None until then.
+    openhands_rate: float | None = None
+
+
+async def publish_run(
+    path: Path, durability: str, publishers: int, events: int, batch: int = 1
+) -> tuple[float, list[float]]:
+    """Publish `events` events; return the elapsed seconds and per-publish latencies."""
+    store = LogStore(path, durability=durability)  # type: ignore[arg-type]
+    latencies: list[float] = []
+    ids: list[int] = []
+    per_task = events // publishers
+    async with te.open_event_stream("bench", store=store) as stream:
+
+        async def publisher() -> None:
+            clock = time.perf_counter
+            if batch > 1:
+                for _ in range(per_task // batch):
+                    got = await stream.publish_many([PAYLOAD] * batch, source="agent", type="b")
+                    ids.extend(e.id for e in got)
+                return
+            for _ in range(per_task):
+                t0 = clock()
+                event = await stream.publish(PAYLOAD, source="agent", type="b")
+                latencies.append(clock() - t0)
+                ids.append(event.id)
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(publishers):
+                nursery.start_soon(publisher)
+        elapsed = time.perf_counter() - start
+    if sorted(ids) != list(range(len(ids))):
+        raise AssertionError("acknowledged ids are not dense")
+    return elapsed, latencies
+
+
+async def replay_run(path: Path, events: int) -> float:
+    store = LogStore(path, durability="none")
+    async with te.open_event_stream("bench", store=store) as stream:
+        await stream.publish_many([PAYLOAD] * 1024, source="agent", type="b")
+        while stream.get_latest_event_id() < events - 1:
+            n = min(1024, events - 1 - stream.get_latest_event_id())
+            await stream.publish_many([PAYLOAD] * n, source="agent", type="b")
+    cold = LogStore(path, cache_events=0)
+    start = time.perf_counter()
+    async with te.open_event_stream("bench", store=cold) as stream:
+        expected = 0
+        async for event in stream.search_events():
+            if event.id != expected:
+                raise AssertionError(f"replay returned {event.id}, expected {expected}")
+            expected += 1
+    elapsed = time.perf_counter() - start
+    if expected != events:
+        raise AssertionError(f"replay returned {expected} events, expected {events}")
+    return elapsed
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    results: list[Result] = []
+    base = Path(tempfile.mkdtemp(prefix="trio-events-bench-", dir=args.dir))
+
+    def fresh() -> Path:
+        return Path(tempfile.mkdtemp(dir=base))
+
+    def measure(
+        name: str, events: int, fn: Callable[[Path], Any], note: Callable[[Any], str]
+    ) -> None:
+        runs = []
+        for _ in range(args.repeat):
+            out = trio.run(fn, fresh())
+            runs.append(out)
+        elapsed = statistics.median(r[0] if isinstance(r, tuple) else r for r in runs)
+        results.append(Result(name, events, elapsed, events / elapsed, note(runs[-1])))
+        print(f"  {name}: {events / elapsed:,.0f} events/s", file=sys.stderr, flush=True)
+
+    def latency_note(out: tuple[float, list[float]]) -> str:
+        lat = sorted(out[1])
+        if not lat:
+            return ""
+        p50 = lat[len(lat) // 2] * 1e3
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
+        return f"publish p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+    try:
+        n1, n16 = args.fsync_events, args.fsync_events * 8
+        measure(
+            "fsync, 1 publisher", n1, partial(publish_run, durability="fsync", publishers=1,
+                                              events=n1), latency_note,
+        )  # fmt: skip
+        measure(
+            "fsync, 16 publishers", n16, partial(publish_run, durability="fsync", publishers=16,
+                                                 events=n16), latency_note,
+        )  # fmt: skip
+        measure(
+            "fsync, 256 publishers", n16 * 2, partial(publish_run, durability="fsync",
+                                                      publishers=256, events=n16 * 2),
+            latency_note,
+        )  # fmt: skip
+        measure(
+            "fsync, publish_many(256)", n16, partial(publish_run, durability="fsync",
+                                                     publishers=1, events=n16, batch=256),
+            lambda _: "",
+        )  # fmt: skip
+        nn = args.none_events
+        measure(
+            "none, 1 publisher", nn, partial(publish_run, durability="none", publishers=1,
+                                             events=nn), latency_note,
+        )  # fmt: skip
+        measure(
+            "none, 16 publishers", nn, partial(publish_run, durability="none", publishers=16,
+                                               events=nn), latency_note,
+        )  # fmt: skip
+        measure(
+            f"cold replay of {args.replay:,} events", args.replay,
+            partial(replay_run, events=args.replay), lambda _: "search_events, new LogStore",
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def fsync_latency(directory: str | None) -> float:
+    """The median seconds of one small append + fdatasync, on the benchmark's file system."""
+    fd, name = tempfile.mkstemp(dir=directory)
+    try:
+        times = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            os.write(fd, b"x" * 200)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = report["results"]
+    head = ("scenario", "events", "trio-events LogStore", "OpenHands format", "note")
+    table = [head] + [
+        (
+            r["scenario"],
+            f"{r['events']:,}",
+            f"{r['rate']:,.0f}/s",
+            "—" if r["openhands_rate"] is None else f"{r['openhands_rate']:,.0f}/s",
+            r["note"],
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = [
+        f"{report['machine']}; fdatasync of a small append here: "
+        f"{report['fsync_ms']:.2f} ms (median); directory: {report['dir']}",
+        "",
+    ]
+    for i, row in enumerate(table):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--dir", default=None, help="where to create the stores (default $TMPDIR)")
+    parser.add_argument("--fsync-events", type=int, default=1000, help="events, 1 publisher")
+    parser.add_argument("--none-events", type=int, default=50_000)
+    parser.add_argument("--replay", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per cell (median)")
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "dir": args.dir or tempfile.gettempdir(),
+        "fsync_ms": fsync_latency(args.dir) * 1e3,
+        "results": [asdict(r) for r in run(args)],
+    }
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

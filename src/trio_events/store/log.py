@@ -1,0 +1,1023 @@
+"""`LogStore`: the embedded durable store — per stream, a directory of checksummed segment files.
+
+The on-disk format, the recovery rules and what each durability mode can lose are documented in
+``docs/storage.md``; this module follows it exactly. In short::
+
+    ROOT/streams/STREAM_ID/meta.json     {"format": "trio-events-log", "version": 1, "epoch": ..}
+    ROOT/streams/STREAM_ID/LOCK          locked (lockf) by the process that has the stream open
+    ROOT/streams/STREAM_ID/<first id:020d>.seg
+
+    segment = header (magic "TEVSEG\\0\\1", u64 LE first id) + records
+    record  = u32 crc | u32 length | u64 id | u32 flags | body (the event's JSON)
+              crc = CRC-32 (zlib) of everything after the crc field; flags mark batch start/end
+
+The pure parts (framing a record, decoding one, scanning a buffer for the valid prefix) are
+plain functions at the top; all file I/O runs in worker threads (`trio.to_thread.run_sync`), one
+thread hop per appended batch (write + sync) and one per read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import threading
+import time
+import uuid
+import zlib
+from bisect import bisect_right
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, Literal
+
+import attrs
+import orjson
+import trio
+
+from ..errors import CorruptLogError, HistoryTruncated
+from ..events import Event, PayloadRegistry, encode_event, event_from_dict
+from .base import check_stream_id
+
+__all__ = [
+    "CorruptLogError",
+    "Durability",
+    "LogStore",
+    "LogStreamLog",
+    "RecoveryReport",
+    "ScanResult",
+    "decode_record",
+    "encode_record",
+    "scan_records",
+    "segment_header",
+]
+
+logger = logging.getLogger("trio_events.store.log")
+
+Durability = Literal["fsync", "interval", "none"]
+_DURABILITIES: Final = ("fsync", "interval", "none")
+
+SEGMENT_MAGIC: Final = b"TEVSEG\x00\x01"
+_SEGMENT_HEADER: Final = struct.Struct("<8sQ")
+SEGMENT_HEADER_SIZE: Final = _SEGMENT_HEADER.size  # 16
+_RECORD_HEADER: Final = struct.Struct("<IIQI")  # crc, length, id, flags
+_RECORD_TAIL: Final = struct.Struct("<IQI")  # length, id, flags: what the crc covers first
+_U32: Final = struct.Struct("<I")
+RECORD_HEADER_SIZE: Final = _RECORD_HEADER.size  # 20
+FLAG_BATCH_START: Final = 1
+FLAG_BATCH_END: Final = 2
+_KNOWN_FLAGS: Final = FLAG_BATCH_START | FLAG_BATCH_END
+MAX_BODY: Final = 0xFFFFFFFF
+
+FORMAT_NAME: Final = "trio-events-log"
+FORMAT_VERSION: Final = 1
+_SEGMENT_NAME = re.compile(r"(\d{20})\.seg")
+_INDEX_STRIDE: Final = 32
+
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_SYNC_INTERVAL_MS: Final = 100
+DEFAULT_CACHE_EVENTS: Final = 4096
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What opening a stream cut from its last segment (a torn or corrupt tail).
+
+    Attributes:
+        path: The segment that was truncated.
+        offset: Where the cut starts (the end of the last complete batch).
+        bytes_cut: How many bytes were removed.
+        last_id: The last valid event id kept (ids continue from ``last_id + 1``).
+        moved_to: Salvage only: the file the cut bytes were moved to.
+    """
+
+    path: str
+    offset: int
+    bytes_cut: int
+    last_id: int
+    moved_to: str | None = None
+
+
+# --- pure framing ------------------------------------------------------------------------------
+
+
+def segment_header(first_id: int) -> bytes:
+    """The 16-byte header of a segment whose first record has id `first_id`."""
+    return _SEGMENT_HEADER.pack(SEGMENT_MAGIC, first_id)
+
+
+def encode_record(id: int, body: bytes, flags: int) -> bytes:
+    """One framed record: ``crc | length | id | flags | body``, little-endian."""
+    if len(body) > MAX_BODY:
+        raise ValueError(f"a record body is at most {MAX_BODY} bytes, not {len(body)}")
+    tail = _RECORD_TAIL.pack(len(body), id, flags)
+    return _U32.pack(zlib.crc32(body, zlib.crc32(tail))) + tail + body
+
+
+def frame_batch(first_id: int, bodies: Sequence[bytes], offset: int) -> tuple[bytes, list[int]]:
+    """Frame `bodies` as one batch with ids from `first_id`, to be written at `offset`.
+
+    Returns the bytes and the offset of every record.
+    """
+    parts: list[bytes] = []
+    offsets: list[int] = []
+    pack_tail = _RECORD_TAIL.pack
+    pack_crc = _U32.pack
+    crc32 = zlib.crc32
+    last = len(bodies) - 1
+    for i, body in enumerate(bodies):
+        flags = (FLAG_BATCH_START if i == 0 else 0) | (FLAG_BATCH_END if i == last else 0)
+        tail = pack_tail(len(body), first_id + i, flags)
+        parts.append(pack_crc(crc32(body, crc32(tail))))
+        parts.append(tail)
+        parts.append(body)
+        offsets.append(offset)
+        offset += RECORD_HEADER_SIZE + len(body)
+    return b"".join(parts), offsets
+
+
+def decode_record(buf: bytes | memoryview, offset: int) -> tuple[int, int, int] | None:
+    """The valid record at `offset` of `buf` as ``(id, flags, end)``, or None.
+
+    None means the bytes there are not a whole record with a matching checksum and known flags
+    (torn, corrupt, or not a record boundary). The body is ``buf[offset + 20 : end]``.
+    """
+    if len(buf) - offset < RECORD_HEADER_SIZE:
+        return None
+    crc, length, id_, flags = _RECORD_HEADER.unpack_from(buf, offset)
+    end = offset + RECORD_HEADER_SIZE + length
+    if end > len(buf) or flags & ~_KNOWN_FLAGS:
+        return None
+    if zlib.crc32(memoryview(buf)[offset + 4 : end]) != crc:
+        return None
+    return id_, flags, end
+
+
+@attrs.frozen
+class ScanResult:
+    """What `scan_records` found in a segment's bytes.
+
+    Attributes:
+        valid_end: The end of the last complete batch: everything before it is valid.
+        last_id: The id of the last record before `valid_end` (``first_id - 1`` if none).
+        index: Offsets of the records with ids ``first_id + k * stride``, below `valid_end`.
+        size: The length of the buffer.
+        bad_offset: The first offset where a valid record was expected and not found, or None
+            when every record is valid (a batch may still be incomplete: then
+            ``valid_end < size``).
+        resumes_at: Offset of a valid batch start after `bad_offset`, if any: the damage is
+            then in the middle of the log, not a torn tail.
+    """
+
+    valid_end: int
+    last_id: int
+    index: list[int]
+    size: int
+    bad_offset: int | None
+    resumes_at: int | None
+
+    @property
+    def clean(self) -> bool:
+        return self.valid_end == self.size
+
+    @property
+    def torn_tail(self) -> bool:
+        """Damage confined to the final batch: safe to truncate at `valid_end`."""
+        return not self.clean and self.resumes_at is None
+
+
+def scan_records(
+    buf: bytes | memoryview, start: int, first_id: int, stride: int = _INDEX_STRIDE
+) -> ScanResult:
+    """Walk the records of a segment's bytes from `start`, expecting ids from `first_id`.
+
+    A record is valid when its checksum matches, its flags are known, its id is the next one,
+    and it opens a batch exactly when no batch is open. The valid prefix ends at the last
+    record that closes a batch. If the walk stops early, the rest is searched for a valid
+    record that opens a later batch: finding one means the damage is not a torn tail.
+    """
+    size = len(buf)
+    off = start
+    expected = first_id
+    valid_end = start
+    last_id = first_id - 1
+    index: list[int] = []
+    in_batch = False
+    bad: int | None = None
+    while off < size:
+        rec = decode_record(buf, off)
+        if rec is None:
+            bad = off
+            break
+        id_, flags, end = rec
+        if id_ != expected or bool(flags & FLAG_BATCH_START) == in_batch:
+            bad = off
+            break
+        if (id_ - first_id) % stride == 0:
+            index.append(off)
+        expected += 1
+        in_batch = True
+        off = end
+        if flags & FLAG_BATCH_END:
+            in_batch = False
+            valid_end = end
+            last_id = id_
+    if index and index[-1] >= valid_end:
+        index = [o for o in index if o < valid_end]
+    resumes_at = None if bad is None else _find_batch_start(buf, bad + 1, last_id)
+    return ScanResult(valid_end, last_id, index, size, bad, resumes_at)
+
+
+def _find_batch_start(buf: bytes | memoryview, start: int, after_id: int) -> int | None:
+    """The offset of the first valid batch-opening record with an id > `after_id`, or None."""
+    data = buf if isinstance(buf, bytes) else bytes(buf)
+    unpack_id = struct.Struct("<Q").unpack_from
+    # A batch-opening record has flags 1 or 3: jump from one such flags field to the next
+    # instead of trying every offset (zero-filled or random garbage has few of them).
+    patterns = (b"\x01\x00\x00\x00", b"\x03\x00\x00\x00")
+    found = [data.find(pattern, start + 16) for pattern in patterns]
+    while True:
+        candidates = [f for f in found if f >= 0]
+        if not candidates:
+            return None
+        pos = min(candidates)
+        off = pos - 16
+        if unpack_id(data, off + 8)[0] > after_id and decode_record(data, off) is not None:
+            return off
+        found = [
+            data.find(pattern, pos + 1) if f == pos else f
+            for pattern, f in zip(patterns, found, strict=True)
+        ]
+
+
+# --- file helpers (run in worker threads) ------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _datasync(fd: int) -> None:
+    if sys.platform == "darwin":  # pragma: no cover - fsync is not a barrier on macOS
+        fcntl.fcntl(fd, getattr(fcntl, "F_FULLFSYNC", 51))
+    elif hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # pragma: no cover
+        os.fsync(fd)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _read_exact(fd: int, size: int, offset: int) -> bytes:
+    parts: list[bytes] = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# The LOCK files this process holds, by real path. POSIX record locks (lockf) belong to the
+# process: a fork()ed child does not inherit them (a flock would stay held by the child) and the
+# kernel releases them when the process dies. They do not conflict within one process, so this
+# table catches a second open here (another LogStore on the same directory); and since closing
+# any descriptor of a locked file releases a POSIX lock, a LOCK file is opened once at a time.
+_LOCKED: dict[str, int] = {}
+_LOCKED_GUARD = threading.Lock()
+
+
+def _lock_stream(path: Path, what: str) -> tuple[str, int]:
+    """Lock a stream's LOCK file for this process, or raise `RuntimeError` saying who has it."""
+    key = os.path.realpath(path)
+    with _LOCKED_GUARD:
+        if key in _LOCKED:
+            raise RuntimeError(
+                f"{what} is already open in this process (by another LogStore on the same "
+                f"directory); a stream has one writer"
+            )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise RuntimeError(
+                    f"{what} is open in another process (its LOCK file is locked); a stream "
+                    f"has one writer"
+                ) from None
+            raise
+        _LOCKED[key] = fd
+        return key, fd
+
+
+def _unlock_stream(lock: tuple[str, int]) -> None:
+    key, fd = lock
+    with _LOCKED_GUARD:
+        _LOCKED.pop(key, None)
+        os.close(fd)  # releases the lock
+
+
+def _segment_name(first_id: int) -> str:
+    return f"{first_id:020d}.seg"
+
+
+class _Segment:
+    """One segment file. `index` is None for a sealed segment not read yet."""
+
+    __slots__ = ("first_id", "index", "mtime", "path", "size")
+
+    def __init__(
+        self, first_id: int, path: Path, size: int, mtime: float, index: list[int] | None
+    ) -> None:
+        self.first_id = first_id
+        self.path = path
+        self.size = size
+        self.mtime = mtime
+        self.index = index
+
+
+# --- the log of one stream ---------------------------------------------------------------------
+
+
+class LogStreamLog:
+    """One stream's history in a `LogStore`: its directory of segments, open for appending."""
+
+    def __init__(
+        self,
+        store: LogStore,
+        stream_id: str,
+        directory: Path,
+        registry: PayloadRegistry,
+        lock: tuple[str, int],
+        epoch: str,
+        segments: list[_Segment],
+        last_id: int,
+        recovery: RecoveryReport | None,
+    ) -> None:
+        self._store = store
+        self.stream_id = stream_id
+        self.directory = directory
+        self._registry = registry
+        self._lock: tuple[str, int] | None = lock
+        self._epoch = epoch
+        self._segments = segments
+        self._firsts = [s.first_id for s in segments]
+        self.recovery = recovery
+        self._first_id = segments[0].first_id if segments else 0
+        self._last_id = last_id
+        self._fd: int | None = None
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._last_sync = time.monotonic()
+        self._dirty = False
+        # Guards the write fd between the writer's thread hops and the interval sync timer.
+        self._io_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._cache: list[Event] = []
+        self._cache_first = self._last_id + 1
+
+    # --- protocol --------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def first_id(self) -> int:
+        return self._first_id
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    async def append(self, events: Sequence[Event]) -> None:
+        # A cancelled append stores nothing: check before any I/O; the thread hop itself is
+        # not abandoned on cancel, so once started, the batch is written (or undone) whole.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_writable()
+        if not events:
+            return
+        first = events[0].id
+        if first != self._last_id + 1:
+            raise ValueError(
+                f"append must continue the log densely: expected id {self._last_id + 1}, "
+                f"got {first}"
+            )
+        for i, event in enumerate(events):
+            if event.id != first + i:
+                raise ValueError(
+                    f"append must be given dense ids: {event.id} after {first + i - 1}"
+                )
+        registry = self._registry
+        bodies = [encode_event(event, registry) for event in events]
+        store = self._store
+        if not self._segments or (
+            self._segments[-1].size >= store.segment_bytes
+            and self._segments[-1].first_id <= self._last_id
+        ):
+            segment = await trio.to_thread.run_sync(self._roll, first)
+            self._segments.append(segment)
+            self._firsts.append(first)
+        durability = store.durability
+        sync = durability == "fsync" or (
+            durability == "interval"
+            and (time.monotonic() - self._last_sync) * 1000 >= store.sync_interval_ms
+        )
+        active = self._segments[-1]
+        offsets = await trio.to_thread.run_sync(self._write_batch, first, bodies, active.size, sync)
+        # Committed: publish the new state (readers only look below _last_id).
+        end = offsets[-1] + RECORD_HEADER_SIZE + len(bodies[-1])
+        index = active.index
+        assert index is not None
+        base = active.first_id
+        for i, off in enumerate(offsets):
+            if (first + i - base) % _INDEX_STRIDE == 0:
+                index.append(off)
+        active.size = end
+        active.mtime = time.time()
+        self._last_id = events[-1].id
+        self._add_to_cache(events)
+        if store.retain_bytes is not None or store.retain_seconds is not None:
+            await self._apply_retention()
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the log of stream {self.stream_id!r} is closed")
+        if self._broken is not None:
+            raise RuntimeError(
+                f"the log of stream {self.stream_id!r} failed to sync or to undo a failed "
+                f"write ({self._broken!r}) and accepts no more appends; close and reopen the "
+                f"stream to recover from disk"
+            )
+
+    def _roll(self, first_id: int) -> _Segment:
+        """Seal the active segment and create a new one whose first id is `first_id`."""
+        with self._io_lock:
+            if self._fd is not None:
+                # Sealed segments are always complete on disk, whatever the durability: only
+                # the active segment can ever have a torn tail.
+                if self._dirty:
+                    try:
+                        _datasync(self._fd)
+                    except OSError as exc:
+                        self._broken = exc
+                        raise
+                    self._dirty = False
+                    self._last_sync = time.monotonic()
+                os.close(self._fd)
+                self._fd = None
+            path = self.directory / _segment_name(first_id)
+            _atomic_write(path, segment_header(first_id))
+            return _Segment(first_id, path, SEGMENT_HEADER_SIZE, time.time(), [])
+
+    def _write_batch(
+        self, first_id: int, bodies: list[bytes], offset: int, sync: bool
+    ) -> list[int]:
+        """Write one framed batch at `offset` of the active segment (and sync): a thread hop."""
+        data, offsets = frame_batch(first_id, bodies, offset)
+        with self._io_lock:
+            if self._fd is None:
+                self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
+            fd = self._fd
+            try:
+                _write_all(fd, data, offset)
+            except BaseException:
+                # Leave the file exactly as before this batch.
+                try:
+                    os.ftruncate(fd, offset)
+                except OSError as exc:
+                    self._broken = exc
+                raise
+            self._dirty = True
+            if sync:
+                try:
+                    _datasync(fd)
+                except BaseException as exc:
+                    # After a failed sync the kernel's view of unsynced data is unknown: undo
+                    # this batch and refuse further appends until the stream is reopened.
+                    self._broken = exc
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, offset)
+                    raise
+                self._dirty = False
+                self._last_sync = time.monotonic()
+            elif self._store.durability == "interval" and self._timer is None:
+                # Sync what this batch left unsynced within the interval, even if no other
+                # append comes to do it.
+                delay = self._store.sync_interval_ms / 1000 - (time.monotonic() - self._last_sync)
+                self._timer = threading.Timer(max(delay, 0.0), self._timed_sync)
+                self._timer.daemon = True
+                self._timer.start()
+        return offsets
+
+    def _timed_sync(self) -> None:
+        """The ``interval`` durability's timer: sync the active segment if it is dirty."""
+        with self._io_lock:
+            self._timer = None
+            if self._fd is None or not self._dirty or self._broken is not None:
+                return
+            try:
+                _datasync(self._fd)
+            except OSError as exc:
+                logger.error("stream %r: periodic sync failed: %r", self.stream_id, exc)
+                self._broken = exc
+                return
+            self._dirty = False
+            self._last_sync = time.monotonic()
+
+    def _add_to_cache(self, events: Sequence[Event]) -> None:
+        limit = self._store.cache_events
+        if limit == 0:
+            self._cache_first = self._last_id + 1
+            return
+        cache = self._cache
+        cache.extend(events)
+        if len(cache) > 2 * limit:
+            drop = len(cache) - limit
+            del cache[:drop]
+            self._cache_first += drop
+
+    async def read(
+        self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
+    ) -> Sequence[Event]:
+        end_id = min(end_id, self._last_id)
+        if start_id > end_id or limit <= 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        first = self._first_id
+        if not reverse:
+            if start_id < first:
+                await trio.lowlevel.checkpoint()
+                raise HistoryTruncated(start_id, first)
+            low, high = start_id, min(end_id, start_id + limit - 1)
+        else:
+            if end_id < first:
+                await trio.lowlevel.checkpoint()
+                raise HistoryTruncated(end_id, first)
+            low, high = max(start_id, end_id - limit + 1, first), end_id
+        cache_first = self._cache_first
+        if low >= cache_first:
+            await trio.lowlevel.checkpoint()
+            result = self._cache[low - cache_first : high - cache_first + 1]
+        else:
+            plan = self._plan(low, high)
+            try:
+                result = await trio.to_thread.run_sync(self._read_disk, plan, low, high)
+            except FileNotFoundError:
+                # Retention removed a segment while it was being read.
+                raise HistoryTruncated(low, self._first_id) from None
+        if reverse:
+            result.reverse()
+        return result
+
+    def _plan(self, low: int, high: int) -> list[tuple[_Segment, int, int]]:
+        """The segments holding ids `low..high`, each with its first id past its end, and the
+        committed size to read up to (snapshotted here, in the Trio thread)."""
+        firsts = self._firsts
+        i = bisect_right(firsts, low) - 1
+        j = bisect_right(firsts, high) - 1
+        plan = []
+        for k in range(i, j + 1):
+            seg = self._segments[k]
+            next_first = firsts[k + 1] if k + 1 < len(firsts) else self._last_id + 1
+            plan.append((seg, next_first, seg.size))
+        return plan
+
+    def _read_disk(self, plan: list[tuple[_Segment, int, int]], low: int, high: int) -> list[Event]:
+        """Read and decode events `low..high` from the planned segments: in a worker thread."""
+        out: list[Event] = []
+        registry = self._registry
+        for seg, next_first, size in plan:
+            index = seg.index
+            if index is None:
+                index = seg.index = _index_sealed(seg.path, seg.first_id, next_first - 1)
+            a = max(low, seg.first_id)
+            b = min(high, next_first - 1)
+            k = (a - seg.first_id) // _INDEX_STRIDE
+            start = index[k]
+            kb = (b - seg.first_id) // _INDEX_STRIDE + 1
+            stop = index[kb] if kb < len(index) else size
+            with open(seg.path, "rb", buffering=0) as f:
+                buf = _read_exact(f.fileno(), stop - start, start)
+            off = 0
+            expected = seg.first_id + k * _INDEX_STRIDE
+            while expected <= b:
+                rec = decode_record(buf, off)
+                if rec is None or rec[0] != expected:
+                    raise CorruptLogError(
+                        seg.path,
+                        start + off,
+                        f"expected a valid record of event {expected} (checksum or id mismatch)",
+                    )
+                _, _, end = rec
+                if expected >= a:
+                    body = buf[off + RECORD_HEADER_SIZE : end]
+                    out.append(event_from_dict(orjson.loads(body), registry, raw=body))
+                off = end
+                expected += 1
+        return out
+
+    async def _apply_retention(self) -> None:
+        store = self._store
+        segments = self._segments
+        doomed: list[Path] = []
+        total = sum(s.size for s in segments)
+        now = time.time()
+        while len(segments) > 1:
+            oldest = segments[0]
+            too_big = store.retain_bytes is not None and total > store.retain_bytes
+            # A sealed segment's mtime is when its last event was written.
+            too_old = store.retain_seconds is not None and now - oldest.mtime > store.retain_seconds
+            if not (too_big or too_old):
+                break
+            segments.pop(0)
+            self._firsts.pop(0)
+            total -= oldest.size
+            doomed.append(oldest.path)
+        if doomed:
+            self._first_id = segments[0].first_id
+            logger.info(
+                "stream %r: retention removed %d segment(s); history now starts at id %d",
+                self.stream_id,
+                len(doomed),
+                self._first_id,
+            )
+            # Shielded: the new first_id is already visible, so the files must go.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_all, doomed, self.directory)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._store._open.pop(self.stream_id, None)
+        await trio.to_thread.run_sync(self._close_files)
+
+    def _close_files(self) -> None:
+        with self._io_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            try:
+                if self._fd is not None:
+                    if self._dirty and self._store.durability != "none" and self._broken is None:
+                        _datasync(self._fd)
+                    os.close(self._fd)
+                    self._fd = None
+            finally:
+                if self._lock is not None:
+                    _unlock_stream(self._lock)
+                    self._lock = None
+
+
+def _unlink_all(paths: list[Path], directory: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    _fsync_dir(directory)
+
+
+def _index_sealed(path: Path, first_id: int, last_id: int) -> list[int]:
+    """Scan a sealed segment whole, check it holds exactly `first_id..last_id`, index it."""
+    data = path.read_bytes()
+    _check_header(path, data, first_id)
+    scan = scan_records(data, SEGMENT_HEADER_SIZE, first_id)
+    if not scan.clean:
+        offset = scan.bad_offset if scan.bad_offset is not None else scan.valid_end
+        raise CorruptLogError(
+            path,
+            offset,
+            f"a sealed segment must hold whole batches of events {first_id}..{last_id} but only "
+            f"{first_id}..{scan.last_id} are valid; open the store with salvage=True to keep "
+            f"the valid prefix and move the rest aside",
+        )
+    if scan.last_id != last_id:
+        raise CorruptLogError(
+            path,
+            scan.valid_end,
+            f"segment ends at event {scan.last_id} but the next segment starts at {last_id + 1}",
+        )
+    return scan.index
+
+
+def _check_header(path: Path, data: bytes, first_id: int) -> None:
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise CorruptLogError(path, 0, f"shorter ({len(data)} bytes) than a segment header")
+    magic, header_first = _SEGMENT_HEADER.unpack_from(data, 0)
+    if magic != SEGMENT_MAGIC:
+        raise CorruptLogError(path, 0, f"not a trio-events segment (magic {magic!r})")
+    if header_first != first_id:
+        raise CorruptLogError(
+            path, 8, f"header says first id {header_first}, the file name says {first_id}"
+        )
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class LogStore:
+    """The embedded durable store: per stream, a directory of checksummed segment files.
+
+    Example::
+
+        async with te.open_event_stream("conv-1", store=te.LogStore("./data")) as stream: ...
+
+    Args:
+        path: The store's root directory (created if missing).
+        durability: ``"fsync"`` (default): an append returns only once its events are on
+            stable storage. ``"interval"``: an append syncs when the last sync is at least
+            `sync_interval_ms` old. ``"none"``: never sync (the OS writes back when it likes).
+            See docs/storage.md for what each can lose in a crash.
+        sync_interval_ms: The ``"interval"`` period, in milliseconds (>= 1).
+        segment_bytes: Start a new segment once the active one reaches this size (>= 4096).
+        retain_bytes: Remove the oldest whole segments while a stream's total size is over
+            this; ``None`` keeps everything. The active segment is never removed.
+        retain_seconds: Remove whole segments whose newest event is older than this.
+        salvage: When opening a stream whose segments are damaged in the middle (not just a
+            torn tail), keep the valid prefix and move the rest aside to ``*.corrupt-*``
+            files, instead of raising `CorruptLogError`. Also checks every segment on open.
+        verify: Check every segment's records on open (otherwise sealed segments are checked
+            the first time they are read).
+        cache_events: How many of the latest events each open stream keeps in memory (>= 0).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "fsync",
+        sync_interval_ms: int = DEFAULT_SYNC_INTERVAL_MS,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        retain_bytes: int | None = None,
+        retain_seconds: float | None = None,
+        salvage: bool = False,
+        verify: bool = False,
+        cache_events: int = DEFAULT_CACHE_EVENTS,
+    ) -> None:
+        if durability not in _DURABILITIES:
+            raise ValueError(f"durability is one of {list(_DURABILITIES)}, not {durability!r}")
+        for name, value, low in (
+            ("sync_interval_ms", sync_interval_ms, 1),
+            ("segment_bytes", segment_bytes, 4096),
+            ("cache_events", cache_events, 0),
+        ):
+            if type(value) is not int or value < low:
+                raise ValueError(f"{name} is an integer >= {low}, not {value!r}")
+        if retain_bytes is not None and (type(retain_bytes) is not int or retain_bytes < 1):
+            raise ValueError(f"retain_bytes is None or an integer >= 1, not {retain_bytes!r}")
+        if retain_seconds is not None and (
+            type(retain_seconds) not in (int, float) or not retain_seconds > 0
+        ):
+            raise ValueError(f"retain_seconds is None or a number > 0, not {retain_seconds!r}")
+        for name, flag in (("salvage", salvage), ("verify", verify)):
+            if type(flag) is not bool:
+                raise ValueError(f"{name} is True or False, not {flag!r}")
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(
+                f"LogStore path {os.fspath(root)!r} exists and is not a directory"
+            )
+        self.path = root
+        self.durability: Durability = durability
+        self.sync_interval_ms = sync_interval_ms
+        self.segment_bytes = segment_bytes
+        self.retain_bytes = retain_bytes
+        self.retain_seconds = retain_seconds
+        self.salvage = salvage
+        self.verify = verify
+        self.cache_events = cache_events
+        # None while a stream is being opened (the name is reserved before the thread hop).
+        self._open: dict[str, LogStreamLog | None] = {}
+
+    def _stream_dir(self, stream_id: str) -> Path:
+        return self.path / "streams" / check_stream_id(stream_id)
+
+    async def open_stream(self, stream_id: str, registry: PayloadRegistry) -> LogStreamLog:
+        check_stream_id(stream_id)
+        if stream_id in self._open:
+            raise RuntimeError(
+                f"stream {stream_id!r} is already open on this store; share the open "
+                f"EventStream (an EventHub does this) instead of opening it twice"
+            )
+        # Reserve the name before the thread hop, so two concurrent opens cannot both pass.
+        self._open[stream_id] = None
+        try:
+            log = await trio.to_thread.run_sync(self._open_sync, stream_id, registry)
+        except BaseException:
+            self._open.pop(stream_id, None)
+            raise
+        self._open[stream_id] = log
+        if self.retain_bytes is not None or self.retain_seconds is not None:
+            try:
+                await log._apply_retention()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await log.aclose()
+                raise
+        return log
+
+    def _open_sync(self, stream_id: str, registry: PayloadRegistry) -> LogStreamLog:
+        directory = self._stream_dir(stream_id)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(
+                f"cannot open stream {stream_id!r}: {os.fspath(directory)!r} (or a parent) "
+                f"exists and is not a directory"
+            ) from None
+        lock = _lock_stream(directory / "LOCK", f"stream {stream_id!r} in {os.fspath(self.path)!r}")
+        try:
+            epoch, segments, scanned_last, recovery = self._recover(stream_id, directory)
+        except BaseException:
+            _unlock_stream(lock)
+            raise
+        return LogStreamLog(
+            self, stream_id, directory, registry, lock, epoch, segments, scanned_last, recovery
+        )
+
+    def _recover(
+        self, stream_id: str, directory: Path
+    ) -> tuple[str, list[_Segment], int, RecoveryReport | None]:
+        """Read meta.json, list and check the segments, cut a torn tail. In a worker thread."""
+        names: list[tuple[int, str]] = []
+        for entry in os.scandir(directory):
+            match = _SEGMENT_NAME.fullmatch(entry.name)
+            if match:
+                names.append((int(match.group(1)), entry.name))
+            elif entry.name.endswith(".tmp"):
+                os.unlink(entry.path)  # an interrupted atomic write: never made visible
+        names.sort()
+        meta_path = directory / "meta.json"
+        try:
+            meta = orjson.loads(meta_path.read_bytes())
+        except FileNotFoundError:
+            if names:
+                raise CorruptLogError(
+                    meta_path, 0, "missing, but the stream has segments; restore it from backup"
+                ) from None
+            meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "epoch": uuid.uuid4().hex}
+            _atomic_write(meta_path, orjson.dumps(meta))
+        except orjson.JSONDecodeError as exc:
+            raise CorruptLogError(meta_path, 0, f"not valid JSON: {exc}") from None
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != FORMAT_NAME
+            or not isinstance(meta.get("epoch"), str)
+        ):
+            raise CorruptLogError(meta_path, 0, f"not a {FORMAT_NAME} meta file: {meta!r}")
+        if meta.get("version") != FORMAT_VERSION:
+            raise CorruptLogError(
+                meta_path, 0, f"format version {meta.get('version')!r}; this code reads 1"
+            )
+        segments: list[_Segment] = []
+        for first_id, name in names:
+            path = directory / name
+            st = path.stat()
+            segments.append(_Segment(first_id, path, st.st_size, st.st_mtime, None))
+        for prev, seg in itertools.pairwise(segments):
+            # Each sealed segment holds at least one event (a roll happens only after one).
+            if seg.first_id <= prev.first_id:
+                raise CorruptLogError(seg.path, 0, "segment ids overlap")
+        recovery: RecoveryReport | None = None
+        if self.verify or self.salvage:
+            for k, seg in enumerate(segments[:-1]):
+                try:
+                    seg.index = _index_sealed(seg.path, seg.first_id, segments[k + 1].first_id - 1)
+                except CorruptLogError as exc:
+                    if not self.salvage:
+                        raise
+                    recovery = self._salvage_sealed(stream_id, segments, k, exc)
+                    break
+        if not segments:
+            return meta["epoch"], segments, -1, recovery
+        last = segments[-1]
+        data = last.path.read_bytes()
+        _check_header(last.path, data, last.first_id)
+        scan = scan_records(data, SEGMENT_HEADER_SIZE, last.first_id)
+        if not scan.clean:
+            if not scan.torn_tail and not self.salvage:
+                assert scan.bad_offset is not None
+                raise CorruptLogError(
+                    last.path,
+                    scan.bad_offset,
+                    f"damaged record in the middle of the segment (valid records follow at "
+                    f"offset {scan.resumes_at}); events up to {scan.last_id} are intact. Open "
+                    f"the store with salvage=True to keep them and move the rest aside",
+                )
+            recovery = self._cut(stream_id, last.path, scan, moved=not scan.torn_tail)
+        last.size = scan.valid_end
+        last.index = scan.index
+        return meta["epoch"], segments, scan.last_id, recovery
+
+    def _cut(self, stream_id: str, path: Path, scan: ScanResult, *, moved: bool) -> RecoveryReport:
+        moved_to: str | None = None
+        if moved:
+            target = path.with_name(f"{path.name}.corrupt-{scan.valid_end}")
+            with open(path, "rb") as f:
+                f.seek(scan.valid_end)
+                _atomic_write(target, f.read())
+            moved_to = os.fspath(target)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, scan.valid_end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        cut = scan.size - scan.valid_end
+        report = RecoveryReport(os.fspath(path), scan.valid_end, cut, scan.last_id, moved_to)
+        if moved:
+            logger.error(
+                "stream %r: salvaged %s: moved %d bytes from offset %d (damage at %s) to %s; "
+                "events continue from id %d",
+                stream_id, path, cut, scan.valid_end, scan.bad_offset, moved_to, scan.last_id + 1,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "stream %r: recovered %s: cut a torn tail of %d bytes from offset %d; the last "
+                "valid event is %d",
+                stream_id, path, cut, scan.valid_end, scan.last_id,
+            )  # fmt: skip
+        return report
+
+    def _salvage_sealed(
+        self, stream_id: str, segments: list[_Segment], k: int, exc: CorruptLogError
+    ) -> RecoveryReport:
+        """Keep the valid prefix of sealed segment `k`; move it and every later one aside."""
+        seg = segments[k]
+        data = seg.path.read_bytes()
+        _check_header(seg.path, data, seg.first_id)
+        scan = scan_records(data, SEGMENT_HEADER_SIZE, seg.first_id)
+        for later in segments[k + 1 :]:
+            target = later.path.with_name(later.path.name + ".corrupt")
+            os.replace(later.path, target)
+            logger.error("stream %r: salvage moved %s aside to %s", stream_id, later.path, target)
+        del segments[k + 1 :]
+        _fsync_dir(seg.path.parent)
+        report = self._cut(stream_id, seg.path, scan, moved=True)
+        logger.error("stream %r: salvage after %s", stream_id, exc)
+        return report
+
+    async def reset_stream(self, stream_id: str) -> None:
+        check_stream_id(stream_id)
+        if stream_id in self._open:
+            raise RuntimeError(f"stream {stream_id!r} is open; close it before resetting it")
+        await trio.to_thread.run_sync(self._reset_sync, stream_id)
+
+    def _reset_sync(self, stream_id: str) -> None:
+        directory = self._stream_dir(stream_id)
+        if not directory.is_dir():
+            return
+        lock = _lock_stream(
+            directory / "LOCK", f"stream {stream_id!r} in {os.fspath(self.path)!r} (to reset)"
+        )
+        try:
+            # Atomic: rename out of streams/ first, then delete at leisure.
+            trash = self.path / "trash"
+            trash.mkdir(exist_ok=True)
+            doomed = trash / f"{stream_id}.{uuid.uuid4().hex}"
+            os.replace(directory, doomed)
+            _fsync_dir(directory.parent)
+        finally:
+            _unlock_stream(lock)
+        # Also whatever an earlier reset left behind if the process died while deleting.
+        for leftover in os.scandir(trash):
+            shutil.rmtree(leftover.path, ignore_errors=True)
+
+    async def aclose(self) -> None:
+        """Close every stream log still open on this store."""
+        for log in list(self._open.values()):
+            if log is not None:
+                await log.aclose()
+        await trio.lowlevel.checkpoint()

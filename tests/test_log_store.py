@@ -1,0 +1,891 @@
+"""LogStore: record framing, recovery of torn and corrupt tails, reads, retention, durability."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trio_events as te
+from trio_events.store import log as log_module
+from trio_events.store.log import (
+    FLAG_BATCH_END,
+    FLAG_BATCH_START,
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    CorruptLogError,
+    LogStore,
+    LogStreamLog,
+    decode_record,
+    encode_record,
+    frame_batch,
+    scan_records,
+    segment_header,
+)
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+REG = te.default_registry
+AGENT = te.EventSource.AGENT
+
+
+def make_events(first: int, count: int, pad: int = 0) -> list[te.Event]:
+    return [
+        te.Event(i, NOW, AGENT, "t", {"i": i, "text": "é" * (i % 3) + "x" * pad})
+        for i in range(first, first + count)
+    ]
+
+
+async def open_log(root: Path, stream: str = "s", **options: object) -> LogStreamLog:
+    store = LogStore(root, **options)  # type: ignore[arg-type]
+    return await store.open_stream(stream, REG)
+
+
+async def read_all(log: LogStreamLog) -> list[te.Event]:
+    return list(await log.read(log.first_id, log.last_id, limit=10**9))
+
+
+def _shm_or_tmp() -> str | None:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+@pytest.fixture
+def mem_path(tmp_path: Path) -> Iterator[Path]:
+    """A directory in memory (tmpfs) when there is one: for the tests that reopen a store
+    hundreds of times, where the disk's sync latency would only add time, not coverage."""
+    shm = _shm_or_tmp()
+    if shm is None:
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(dir=shm, prefix="trio-events-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def segments_of(root: Path, stream: str = "s") -> list[Path]:
+    return sorted((root / "streams" / stream).glob("*.seg"))
+
+
+# --- pure framing -------------------------------------------------------------------------------
+
+
+def test_record_round_trip_and_layout() -> None:
+    body = b'{"id":5}'
+    record = encode_record(5, body, FLAG_BATCH_START | FLAG_BATCH_END)
+    assert len(record) == RECORD_HEADER_SIZE + len(body) == 28
+    assert record[4:8] == len(body).to_bytes(4, "little")
+    assert record[8:16] == (5).to_bytes(8, "little")
+    assert record[16:20] == (3).to_bytes(4, "little")
+    assert record[20:] == body
+    assert record[:4] == zlib.crc32(record[4:]).to_bytes(4, "little")
+    assert decode_record(b"xx" + record, 2) == (5, 3, 30)
+
+
+def test_every_truncation_and_every_byte_flip_of_a_record_is_rejected() -> None:
+    record = encode_record(7, b'{"payload":"abc"}', FLAG_BATCH_START)
+    for cut in range(len(record)):
+        assert decode_record(record[:cut], 0) is None, cut
+    for i in range(len(record)):
+        for mask in (0x01, 0x80, 0xFF):
+            damaged = bytearray(record)
+            damaged[i] ^= mask
+            assert decode_record(bytes(damaged), 0) is None, (i, mask)
+
+
+def test_unknown_flags_are_invalid() -> None:
+    assert decode_record(encode_record(1, b"{}", 4), 0) is None
+
+
+def test_frame_batch_marks_first_and_last_record() -> None:
+    data, offsets = frame_batch(10, [b"a", b"bb", b"ccc"], 100)
+    assert offsets == [100, 121, 143]
+    flags = [decode_record(data, off - 100) for off in offsets]
+    assert [f[1] for f in flags if f] == [FLAG_BATCH_START, 0, FLAG_BATCH_END]
+    single, _ = frame_batch(0, [b"x"], 0)
+    assert decode_record(single, 0) == (0, FLAG_BATCH_START | FLAG_BATCH_END, 21)
+
+
+def build_segment(batches: Sequence[int], first_id: int = 0) -> tuple[bytes, list[int]]:
+    """A segment with batches of the given sizes; returns it and the end offset of each batch."""
+    data = bytearray(segment_header(first_id))
+    ends = []
+    next_id = first_id
+    for size in batches:
+        bodies = [b'{"n":%d,"pad":"%s"}' % (i, b"y" * i) for i in range(next_id, next_id + size)]
+        framed, _ = frame_batch(next_id, bodies, len(data))
+        data += framed
+        next_id += size
+        ends.append(len(data))
+    return bytes(data), ends
+
+
+def test_scan_of_a_clean_segment() -> None:
+    data, ends = build_segment([3, 1, 40])
+    scan = scan_records(data, SEGMENT_HEADER_SIZE, 0, stride=8)
+    assert (scan.valid_end, scan.last_id, scan.clean, scan.bad_offset) == (ends[-1], 43, True, None)
+    assert len(scan.index) == 6  # ids 0, 8, ..., 40
+    assert all(decode_record(data, off)[0] == 8 * k for k, off in enumerate(scan.index))  # type: ignore[index]
+
+
+def test_scan_keeps_whole_batches_at_every_truncation() -> None:
+    data, ends = build_segment([2, 3, 4])
+    ids_after = [1, 4, 8]
+    for cut in range(SEGMENT_HEADER_SIZE, len(data) + 1):
+        scan = scan_records(data[:cut], SEGMENT_HEADER_SIZE, 0)
+        complete = [i for i, end in enumerate(ends) if end <= cut]
+        expected_end = ends[complete[-1]] if complete else SEGMENT_HEADER_SIZE
+        assert scan.valid_end == expected_end, cut
+        assert scan.last_id == (ids_after[complete[-1]] if complete else -1)
+        assert scan.torn_tail == (cut != expected_end)
+        assert scan.resumes_at is None
+
+
+def test_scan_tells_a_damaged_last_batch_from_damage_in_the_middle() -> None:
+    data, ends = build_segment([2, 3, 4])
+    for i in range(ends[1], ends[2]):  # inside the last batch: a torn tail
+        damaged = bytearray(data)
+        damaged[i] ^= 0x5A
+        scan = scan_records(bytes(damaged), SEGMENT_HEADER_SIZE, 0)
+        assert (scan.valid_end, scan.last_id, scan.torn_tail) == (ends[1], 4, True), i
+    for i in range(ends[0], ends[1]):  # inside an earlier batch: valid batches follow
+        damaged = bytearray(data)
+        damaged[i] ^= 0x5A
+        scan = scan_records(bytes(damaged), SEGMENT_HEADER_SIZE, 0)
+        assert not scan.torn_tail, i
+        assert scan.resumes_at == ends[1]
+        assert scan.valid_end == ends[0]
+
+
+def test_a_zero_filled_tail_is_torn_and_decoys_do_not_fool_the_resync() -> None:
+    data, ends = build_segment([2, 3])
+    # What a file system can show after a crash: the file extended, the blocks never written.
+    scan = scan_records(data + bytes(4 * 1024 * 1024), SEGMENT_HEADER_SIZE, 0)
+    assert (scan.valid_end, scan.last_id, scan.torn_tail) == (ends[-1], 4, True)
+    # Garbage full of batch-start flag patterns, but no valid record: still a torn tail.
+    decoys = (b"\x01\x00\x00\x00" + b"\x03\x00\x00\x00" + b"\xff" * 12) * 1000
+    scan = scan_records(data + decoys, SEGMENT_HEADER_SIZE, 0)
+    assert (scan.valid_end, scan.torn_tail) == (ends[-1], True)
+    # ...and a real batch after decoys is found: damage in the middle.
+    later, _ = frame_batch(9, [b"{}"], 0)
+    scan = scan_records(data + decoys + later, SEGMENT_HEADER_SIZE, 0)
+    assert scan.resumes_at == len(data) + len(decoys)
+
+
+# --- recovery of the last segment, at every offset -------------------------------------------
+
+
+async def write_batches(root: Path, sizes: Sequence[int], pad: int = 0) -> list[te.Event]:
+    log = await open_log(root, durability="none")
+    events: list[te.Event] = []
+    for size in sizes:
+        batch = make_events(len(events), size, pad)
+        await log.append(batch)
+        events.extend(batch)
+    await log.aclose()
+    return events
+
+
+def batch_ends(data: bytes) -> list[tuple[int, int]]:
+    """(end offset, last id) of each batch in a segment's bytes."""
+    out = []
+    off = SEGMENT_HEADER_SIZE
+    while off < len(data):
+        rec = decode_record(data, off)
+        assert rec is not None
+        off = rec[2]
+        if rec[1] & FLAG_BATCH_END:
+            out.append((off, rec[0]))
+    return out
+
+
+async def test_truncating_the_last_records_at_every_offset_keeps_exactly_the_valid_prefix(
+    mem_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = await write_batches(mem_path, [4, 3, 1, 2])
+    [segment] = segments_of(mem_path)
+    data = segment.read_bytes()
+    ends = batch_ends(data)
+    store = LogStore(mem_path)
+    complete = [(SEGMENT_HEADER_SIZE, -1), *ends]
+    for cut in range(SEGMENT_HEADER_SIZE, len(data) + 1):  # every offset of every record
+        segment.write_bytes(data[:cut])
+        kept_end, kept_last = max(e for e in complete if e[0] <= cut)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "trio_events.store.log"):
+            log = await store.open_stream("s", REG)
+        assert log.last_id == kept_last, cut
+        assert await read_all(log) == events[: kept_last + 1]
+        if cut == kept_end:
+            assert log.recovery is None
+            assert not caplog.records
+        else:
+            assert log.recovery is not None
+            assert (log.recovery.offset, log.recovery.bytes_cut) == (kept_end, cut - kept_end)
+            assert log.recovery.path == str(segment)
+            assert f"{cut - kept_end} bytes from offset {kept_end}" in caplog.text
+        assert segment.stat().st_size == kept_end
+        await log.aclose()
+    # After recovery, ids continue from the last valid event, durably.
+    segment.write_bytes(data[: ends[-1][0] - 1])
+    log = await store.open_stream("s", REG)
+    assert log.last_id == ends[-2][1]
+    more = make_events(log.last_id + 1, 2)
+    await log.append(more)
+    await log.aclose()
+    log = await store.open_stream("s", REG)
+    assert await read_all(log) == events[: ends[-2][1] + 1] + more
+    assert log.recovery is None
+    await log.aclose()
+
+
+async def test_flipping_any_byte_of_the_last_batch_cuts_that_batch(mem_path: Path) -> None:
+    events = await write_batches(mem_path, [2, 3, 3])
+    [segment] = segments_of(mem_path)
+    data = segment.read_bytes()
+    ends = batch_ends(data)
+    store = LogStore(mem_path)
+    for i in range(ends[1][0], len(data)):
+        damaged = bytearray(data)
+        damaged[i] ^= 0xFF
+        segment.write_bytes(bytes(damaged))
+        log = await store.open_stream("s", REG)
+        assert log.last_id == 4, i
+        assert log.recovery is not None
+        assert (log.recovery.offset, log.recovery.bytes_cut) == (ends[1][0], len(data) - ends[1][0])
+        assert await read_all(log) == events[:5]
+        await log.aclose()
+
+
+async def test_damage_before_the_last_batch_is_an_error_naming_file_and_offset(
+    mem_path: Path,
+) -> None:
+    await write_batches(mem_path, [2, 3, 3])
+    [segment] = segments_of(mem_path)
+    data = segment.read_bytes()
+    ends = batch_ends(data)
+    record_starts = []
+    off = ends[0][0]
+    while off < ends[1][0]:
+        record_starts.append(off)
+        off = decode_record(data, off)[2]  # type: ignore[index]
+    store = LogStore(mem_path)
+    for i in range(ends[0][0], ends[1][0]):
+        damaged = bytearray(data)
+        damaged[i] ^= 0x10
+        segment.write_bytes(bytes(damaged))
+        with pytest.raises(CorruptLogError) as info:
+            await store.open_stream("s", REG)
+        damaged_record = max(s for s in record_starts if s <= i)
+        assert info.value.offset == damaged_record, i
+        assert info.value.path == str(segment)
+        assert f"{segment}: corrupt at byte offset {damaged_record}" in str(info.value)
+        assert "salvage=True" in str(info.value)
+        assert segment.read_bytes() == bytes(damaged)  # nothing was cut
+    # The store can be opened again afterwards (the lock was released).
+    segment.write_bytes(data)
+    log = await store.open_stream("s", REG)
+    assert log.last_id == 7
+    await log.aclose()
+
+
+async def test_salvage_keeps_the_valid_prefix_and_moves_the_rest_aside(tmp_path: Path) -> None:
+    events = await write_batches(tmp_path, [2, 3, 3])
+    [segment] = segments_of(tmp_path)
+    data = segment.read_bytes()
+    ends = batch_ends(data)
+    damaged = bytearray(data)
+    damaged[ends[0][0] + 25] ^= 0x01
+    segment.write_bytes(bytes(damaged))
+    log = await open_log(tmp_path, salvage=True)
+    assert log.last_id == 1
+    assert await read_all(log) == events[:2]
+    assert log.recovery is not None
+    assert log.recovery.moved_to is not None
+    moved = tmp_path / "streams" / "s" / f"{segment.name}.corrupt-{ends[0][0]}"
+    assert log.recovery.moved_to == str(moved)
+    assert moved.read_bytes() == bytes(damaged[ends[0][0] :])
+    await log.append(make_events(2, 1))
+    await log.aclose()
+
+
+# --- segments, the sparse index, sealed-segment corruption ----------------------------------
+
+
+async def test_segments_roll_and_reads_cross_them(tmp_path: Path) -> None:
+    log = await open_log(tmp_path, segment_bytes=4096, cache_events=0, durability="none")
+    events: list[te.Event] = []
+    for size in [1, 7, 30, 3, 50, 2, 90, 1, 1, 40]:
+        batch = make_events(len(events), size, pad=20)
+        await log.append(batch)
+        events.extend(batch)
+    await log.aclose()
+    files = segments_of(tmp_path)
+    assert len(files) > 3
+    firsts = [int(f.name[:20]) for f in files]
+    assert firsts[0] == 0
+    assert firsts == sorted(firsts)
+    for f in files[:-1]:
+        assert f.stat().st_size >= 4096
+        assert f.read_bytes()[:16] == segment_header(int(f.name[:20]))
+    log = await open_log(tmp_path, cache_events=0)
+    n = len(events)
+    for start, end in [(0, n - 1), (firsts[1] - 2, firsts[2] + 3), (firsts[-1], n + 5), (5, 5)]:
+        for limit in (1, 7, 1000):
+            forward = list(await log.read(start, end, limit=limit))
+            assert forward == events[start : min(end, n - 1, start + limit - 1) + 1]
+            backward = list(await log.read(start, end, reverse=True, limit=limit))
+            high = min(end, n - 1)
+            assert backward == events[max(start, high - limit + 1) : high + 1][::-1]
+    await log.aclose()
+
+
+async def test_sparse_index_reads_do_not_scan_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, cache_events=0, durability="none")
+    await log.append(make_events(0, 5000, pad=50))
+    record_size = len(te.encode_event(make_events(4000, 1, pad=50)[0])) + RECORD_HEADER_SIZE
+    read_sizes: list[int] = []
+    real = log_module._read_exact
+
+    def counting(fd: int, size: int, offset: int) -> bytes:
+        read_sizes.append(size)
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(log_module, "_read_exact", counting)
+    assert [e.id for e in await log.read(4000, 4000, limit=1)] == [4000]
+    assert [e.id for e in await log.read(0, 3333, reverse=True, limit=3)] == [3333, 3332, 3331]
+    assert max(read_sizes) <= 2 * log_module._INDEX_STRIDE * (record_size + 2)
+    await log.aclose()
+
+
+async def test_tail_cache_serves_recent_reads_without_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, cache_events=100, durability="none")
+    events = make_events(0, 1000)
+    await log.append(events)
+
+    def no_disk(*args: object) -> bytes:
+        raise AssertionError("read from disk")
+
+    monkeypatch.setattr(log_module, "_read_exact", no_disk)
+    assert list(await log.read(900, 999, limit=100)) == events[900:]
+    assert list(await log.read(0, 999, reverse=True, limit=50)) == events[950:][::-1]
+    monkeypatch.undo()
+    assert list(await log.read(0, 999, limit=1000)) == events  # older ones come from disk
+    await log.aclose()
+
+
+async def test_damage_in_a_sealed_segment_is_found_on_read_verify_and_salvage(
+    tmp_path: Path,
+) -> None:
+    log = await open_log(tmp_path, segment_bytes=4096, durability="none")
+    events = make_events(0, 300, pad=20)
+    for i in range(0, 300, 10):
+        await log.append(events[i : i + 10])
+    await log.aclose()
+    files = segments_of(tmp_path)
+    assert len(files) >= 3
+    second = files[1]
+    data = bytearray(second.read_bytes())
+    data[SEGMENT_HEADER_SIZE + 30] ^= 0x40  # inside the second segment's first record
+    second.write_bytes(bytes(data))
+    first_of_second = int(second.name[:20])
+
+    log = await open_log(tmp_path, cache_events=0)  # only the last segment is scanned on open
+    assert list(await log.read(0, 3, limit=4)) == events[:4]
+    with pytest.raises(CorruptLogError) as info:
+        await log.read(first_of_second, first_of_second + 1, limit=2)
+    assert (info.value.path, info.value.offset) == (str(second), SEGMENT_HEADER_SIZE)
+    await log.aclose()
+
+    with pytest.raises(CorruptLogError, match="salvage=True"):
+        await open_log(tmp_path, verify=True)
+
+    log = await open_log(tmp_path, salvage=True)
+    assert log.last_id == first_of_second - 1
+    assert await read_all(log) == events[:first_of_second]
+    assert all(f.with_name(f.name + ".corrupt").exists() for f in files[2:])
+    await log.append(make_events(first_of_second, 1))
+    await log.aclose()
+
+
+# --- appends that fail, are cancelled, or sync ----------------------------------------------
+
+
+async def test_a_failed_write_leaves_the_log_exactly_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path)
+    await log.append(make_events(0, 3))
+    [segment] = segments_of(tmp_path)
+    size = segment.stat().st_size
+    real = log_module._write_all
+
+    def half_then_enospc(fd: int, data: bytes, offset: int) -> None:
+        real(fd, data[: len(data) // 2], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log_module, "_write_all", half_then_enospc)
+    with pytest.raises(OSError, match="No space"):
+        await log.append(make_events(3, 5))
+    assert segment.stat().st_size == size
+    assert log.last_id == 2
+    monkeypatch.undo()
+    again = make_events(3, 2)
+    await log.append(again)
+    await log.aclose()
+    log = await open_log(tmp_path)
+    assert log.recovery is None
+    assert await read_all(log) == make_events(0, 3) + again
+    await log.aclose()
+
+
+async def test_a_failed_sync_undoes_the_batch_and_stops_appends_until_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path)
+    await log.append(make_events(0, 2))
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(log_module, "_datasync", failing_sync)
+    with pytest.raises(OSError, match="Input/output"):
+        await log.append(make_events(2, 2))
+    monkeypatch.undo()
+    assert log.last_id == 1
+    with pytest.raises(RuntimeError, match="reopen"):
+        await log.append(make_events(2, 1))
+    await log.aclose()
+    log = await open_log(tmp_path)
+    assert await read_all(log) == make_events(0, 2)
+    await log.aclose()
+
+
+async def test_a_cancelled_append_stores_nothing(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await log.append(make_events(0, 1))
+    assert log.last_id == -1
+    await log.append(make_events(0, 1))
+    assert log.last_id == 0
+    await log.aclose()
+
+
+@pytest.mark.parametrize(
+    ("durability", "syncs_per_batch", "syncs_on_close"),
+    [("fsync", 1, 0), ("interval", 0, 1), ("none", 0, 0)],
+)
+async def test_group_commit_syncs_once_per_batch_as_the_durability_says(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    durability: str,
+    syncs_per_batch: int,
+    syncs_on_close: int,
+) -> None:
+    # An hour-long interval: within this test, "interval" syncs only when the log closes.
+    log = await open_log(tmp_path, durability=durability, sync_interval_ms=3_600_000)
+    syncs: list[int] = []
+    monkeypatch.setattr(log_module, "_datasync", syncs.append)
+    for i in range(5):
+        await log.append(make_events(i * 100, 100))
+    assert len(syncs) == 5 * syncs_per_batch
+    await log.aclose()
+    assert len(syncs) == 5 * syncs_per_batch + syncs_on_close
+
+
+async def test_interval_durability_syncs_when_the_interval_has_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="interval", sync_interval_ms=3_600_000)
+    syncs: list[int] = []
+    monkeypatch.setattr(log_module, "_datasync", syncs.append)
+    log._last_sync -= 7200  # the last sync was two hours ago: this append syncs
+    await log.append(make_events(0, 1))
+    await log.append(make_events(1, 1))  # right after a sync: no sync
+    assert len(syncs) == 1
+    await log.aclose()
+
+
+async def test_interval_durability_syncs_a_quiet_log_within_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="interval", sync_interval_ms=20)
+    synced = threading.Event()
+    monkeypatch.setattr(log_module, "_datasync", lambda fd: synced.set())
+    log._last_sync = time.monotonic()  # just synced: the append itself does not sync
+    await log.append(make_events(0, 1))
+    assert not synced.is_set()
+    # No further append: the timer syncs on its own.
+    assert await trio.to_thread.run_sync(synced.wait, 10)
+    assert not log._dirty
+    await log.aclose()
+
+
+# --- streams, epochs, locks, arguments -------------------------------------------------------
+
+
+async def test_epoch_persists_and_reset_changes_it(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    epoch = log.epoch
+    await log.append(make_events(0, 3))
+    await log.aclose()
+    store = LogStore(tmp_path)
+    log = await store.open_stream("s", REG)
+    assert (log.epoch, log.last_id) == (epoch, 2)
+    with pytest.raises(RuntimeError, match="is open"):
+        await store.reset_stream("s")
+    await log.aclose()
+    await store.reset_stream("s")
+    assert not (tmp_path / "streams" / "s").exists()
+    log = await store.open_stream("s", REG)
+    assert log.epoch != epoch
+    assert (log.first_id, log.last_id) == (0, -1)
+    await log.aclose()
+    await store.reset_stream("never-opened")  # nothing to do
+
+
+async def test_one_writer_per_stream(tmp_path: Path) -> None:
+    store = LogStore(tmp_path)
+    log = await store.open_stream("s", REG)
+    with pytest.raises(RuntimeError, match="already open on this store"):
+        await store.open_stream("s", REG)
+    with pytest.raises(RuntimeError, match="already open in this process"):
+        await LogStore(tmp_path).open_stream("s", REG)
+    with pytest.raises(RuntimeError, match="already open in this process"):
+        await LogStore(tmp_path).reset_stream("s")
+    other = await store.open_stream("t", REG)
+    await log.aclose()
+    await other.aclose()
+    log = await LogStore(tmp_path).open_stream("s", REG)
+    await log.aclose()
+
+
+HOLDER = """
+import sys, trio, trio_events as te
+from trio_events.store.log import LogStore
+
+async def main():
+    log = await LogStore(sys.argv[1]).open_stream("s", te.default_registry)
+    print("ready", flush=True)
+    await trio.to_thread.run_sync(sys.stdin.read)
+    await log.aclose()
+
+trio.run(main)
+"""
+
+
+async def test_another_process_cannot_open_an_open_stream(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        said = b""
+        while not said.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(100)
+            assert chunk, f"the holder exited early: {said!r}"
+            said += chunk
+        assert said == b"ready\n"
+        with pytest.raises(RuntimeError, match="is open in another process"):
+            await LogStore(tmp_path).open_stream("s", REG)
+        with pytest.raises(RuntimeError, match="is open in another process"):
+            await LogStore(tmp_path).reset_stream("s")
+    finally:
+        await proc.stdin.aclose()
+        await proc.wait()
+    assert proc.returncode == 0
+    log = await LogStore(tmp_path).open_stream("s", REG)
+    await log.aclose()
+
+
+async def test_store_aclose_closes_open_logs(tmp_path: Path) -> None:
+    store = LogStore(tmp_path)
+    await store.open_stream("a", REG)
+    await store.aclose()
+    log = await LogStore(tmp_path).open_stream("a", REG)
+    await log.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"durability": "sometimes"}, r"durability is one of \['fsync', 'interval', 'none'\]"),
+        ({"segment_bytes": 100}, "segment_bytes is an integer >= 4096"),
+        ({"sync_interval_ms": 0}, "sync_interval_ms is an integer >= 1"),
+        ({"cache_events": -1}, "cache_events is an integer >= 0"),
+        ({"retain_bytes": 0}, "retain_bytes is None or an integer >= 1"),
+        ({"retain_seconds": -5}, "retain_seconds is None or a number > 0"),
+        ({"salvage": "yes"}, "salvage is True or False"),
+    ],
+)
+def test_invalid_arguments_say_what_is_allowed(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        LogStore(tmp_path, **options)  # type: ignore[arg-type]
+
+
+async def test_paths_that_are_not_directories(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        LogStore(tmp_path / "file")
+    (tmp_path / "root" / "streams").mkdir(parents=True)
+    (tmp_path / "root" / "streams" / "s").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        await LogStore(tmp_path / "root").open_stream("s", REG)
+    with pytest.raises(te.InvalidStreamId):
+        await LogStore(tmp_path).open_stream("../etc", REG)
+
+
+async def test_meta_problems_are_clear_errors(tmp_path: Path) -> None:
+    await write_batches(tmp_path, [1])
+    meta = tmp_path / "streams" / "s" / "meta.json"
+    meta.write_text("{nope")
+    with pytest.raises(CorruptLogError, match=r"meta\.json: corrupt at byte offset 0: not valid"):
+        await open_log(tmp_path)
+    meta.unlink()
+    with pytest.raises(CorruptLogError, match="missing, but the stream has segments"):
+        await open_log(tmp_path)
+
+
+# --- retention ---------------------------------------------------------------------------------
+
+
+async def test_retention_by_size_removes_whole_old_segments(tmp_path: Path) -> None:
+    log = await open_log(
+        tmp_path, segment_bytes=4096, retain_bytes=3 * 4096, cache_events=0, durability="none"
+    )
+    events = make_events(0, 600, pad=20)
+    for i in range(0, 600, 20):
+        await log.append(events[i : i + 20])
+    files = segments_of(tmp_path)
+    assert sum(f.stat().st_size for f in files) <= 3 * 4096 + 4096
+    first = log.first_id
+    assert first > 0
+    assert first == int(files[0].name[:20])
+    assert list(await log.read(first, first + 2, limit=3)) == events[first : first + 3]
+    with pytest.raises(te.HistoryTruncated) as info:
+        await log.read(0, 10, limit=5)
+    assert info.value.first_id == first
+    # A reverse read that reaches the boundary returns the retained part; below it raises.
+    assert (
+        list(await log.read(0, first + 1, reverse=True, limit=10))
+        == events[first : first + 2][::-1]
+    )
+    with pytest.raises(te.HistoryTruncated):
+        await log.read(0, first - 1, reverse=True, limit=10)
+    await log.aclose()
+    log = await open_log(tmp_path, retain_bytes=3 * 4096)
+    assert (log.first_id, log.last_id) == (first, 599)
+    await log.aclose()
+
+
+async def test_retention_by_age_removes_segments_whose_newest_event_is_old(
+    tmp_path: Path,
+) -> None:
+    log = await open_log(tmp_path, segment_bytes=4096, durability="none")
+    for i in range(0, 300, 10):
+        await log.append(make_events(i, 10, pad=20))
+    await log.aclose()
+    files = segments_of(tmp_path)
+    day_ago = datetime.now(UTC).timestamp() - 86400
+    for f in files[:2]:
+        os.utime(f, (day_ago, day_ago))
+    log = await open_log(tmp_path, retain_seconds=3600)
+    assert log.first_id == int(files[2].name[:20])
+    assert [f.name for f in segments_of(tmp_path)] == [f.name for f in files[2:]]
+    await log.aclose()
+
+
+async def test_catch_up_past_retention_reports_the_gap(tmp_path: Path) -> None:
+    store = LogStore(
+        tmp_path, segment_bytes=4096, retain_bytes=2 * 4096, cache_events=0, durability="none"
+    )
+    async with te.open_event_stream("s", store=store) as stream:
+        for _ in range(40):  # a batch never spans segments: publish several
+            await stream.publish_many([{"pad": "z" * 40}] * 10, source=AGENT, type="t")
+        first = stream.first_id
+        assert first > 0
+        async with stream.subscription(after=-1) as sub:
+            got = []
+            async for event in sub:
+                got.append(event.id)
+                if event.id == 399:
+                    break
+            stats = sub.statistics()
+        assert got == list(range(first, 400))
+        assert (stats.gaps, stats.missed) == (1, first)
+
+
+# --- a whole EventStream on a LogStore ------------------------------------------------------
+
+
+async def test_event_stream_end_to_end_with_catch_up_from_disk(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, cache_events=16)
+    async with te.open_event_stream("conv", store=store) as stream:
+        epoch = stream.epoch
+        async with stream.subscription(after=None, buffer=4) as slow:
+            published = await stream.publish_many(
+                [{"n": i} for i in range(500)], source=AGENT, type="t"
+            )
+            for i in range(0, 200, 10):  # concurrent publishers, one group commit each
+                async with trio.open_nursery() as nursery:
+                    for j in range(10):
+                        nursery.start_soon(
+                            partial(stream.publish, source="user", type="u"), {"n": 500 + i + j}
+                        )
+            seen = []
+            async for event in slow:
+                seen.append(event)
+                if event.id == 699:
+                    break
+            assert [e.id for e in seen] == list(range(700))
+            assert seen[:500] == published
+            assert slow.statistics().catch_ups >= 1
+        assert [e.id async for e in stream.search_events(start_id=690, reverse=True)] == list(
+            range(699, 689, -1)
+        )
+    async with te.open_event_stream("conv", store=LogStore(tmp_path, cache_events=0)) as stream:
+        assert (stream.epoch, stream.get_latest_event_id()) == (epoch, 699)
+        assert await stream.get_event(3) == published[3]
+        ev = await stream.publish({"again": True}, source="agent", type="t")
+        assert ev.id == 700
+        payloads = [e.payload["n"] async for e in stream.search_events(end_id=699)]
+        assert sorted(payloads) == list(range(700))
+
+
+async def test_sealing_a_segment_syncs_it_even_without_durability(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="none", segment_bytes=4096)
+    syncs: list[int] = []
+    monkeypatch.setattr(log_module, "_datasync", syncs.append)
+    for i in range(0, 200, 10):
+        await log.append(make_events(i, 10, pad=40))
+    await log.aclose()
+    assert len(syncs) == len(segments_of(tmp_path)) - 1 > 1
+
+
+async def test_a_failed_append_fails_its_publishers_and_consumes_no_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = log_module._write_all
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def flaky(fd: int, data: bytes, offset: int) -> None:
+        real(fd, data[:7], offset)  # a torn write, then the error
+        if failures:
+            raise failures.pop()
+        real(fd, data, offset)
+
+    async with te.open_event_stream("s", store=LogStore(tmp_path)) as stream:
+        first = await stream.publish({"a": 0}, source=AGENT, type="t")
+        monkeypatch.setattr(log_module, "_write_all", flaky)
+        with pytest.raises(te.StoreError, match="No space") as info:
+            await stream.publish({"lost": True}, source=AGENT, type="t")
+        assert isinstance(info.value.__cause__, OSError)
+        second = await stream.publish({"a": 1}, source=AGENT, type="t")
+        assert (first.id, second.id) == (0, 1)
+    monkeypatch.undo()
+    log = await open_log(tmp_path)
+    assert log.recovery is None
+    assert [e.payload for e in await read_all(log)] == [{"a": 0}, {"a": 1}]
+    await log.aclose()
+
+
+@given(
+    batches=st.lists(st.integers(1, 6), min_size=1, max_size=8),
+    cut=st.floats(0, 1),
+    damage=st.booleans(),
+    more=st.integers(0, 3),
+)
+@settings(max_examples=60)
+async def test_a_cut_log_reopens_to_its_complete_batches_and_continues(
+    batches: list[int], cut: float, damage: bool, more: int
+) -> None:
+    """Any crash point in the last segment: whole batches before it survive, nothing after."""
+    root = Path(tempfile.mkdtemp(dir=_shm_or_tmp()))
+    try:
+        events = await write_batches(root, batches, pad=3)
+        [segment] = segments_of(root)
+        data = segment.read_bytes()
+        ends = [(SEGMENT_HEADER_SIZE, -1), *batch_ends(data)]
+        at = SEGMENT_HEADER_SIZE + int(cut * (len(data) - SEGMENT_HEADER_SIZE))
+        torn = bytearray(data[:at])
+        if damage and at < len(data):  # garbage where the cut batch was being written
+            torn += b"\x00\xff" * 9
+        segment.write_bytes(bytes(torn))
+        kept_end, kept_last = max(e for e in ends if e[0] <= at)
+        log = await open_log(root)
+        assert log.last_id == kept_last
+        assert segment.stat().st_size == kept_end
+        assert (log.recovery is None) == (len(torn) == kept_end)
+        assert await read_all(log) == events[: kept_last + 1]
+        extra = make_events(kept_last + 1, more)
+        if extra:
+            await log.append(extra)
+        await log.aclose()
+        log = await open_log(root)
+        assert log.recovery is None
+        assert await read_all(log) == events[: kept_last + 1] + extra
+        await log.aclose()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_catch_up_reads_race_appends_and_segment_rolls(tmp_path: Path) -> None:
+    """Slow subscribers read from disk (no cache, small segments) while publishers append."""
+    store = LogStore(tmp_path, segment_bytes=4096, cache_events=0, durability="none")
+    async with te.open_event_stream("s", store=store) as stream:
+        async with (
+            stream.subscription(after=-1, buffer=1) as slow,
+            stream.subscription(after=-1, buffer=7) as slower,
+        ):
+
+            async def publisher(k: int) -> None:
+                for i in range(100):
+                    await stream.publish({"k": k, "i": i, "pad": "q" * 30}, source=AGENT, type="t")
+
+            async def consume(sub: te.Subscription, seen: list[int]) -> None:
+                async for event in sub:
+                    seen.append(event.id)
+                    if event.id == 799:
+                        return
+                    if event.id % 13 == 0:
+                        await trio.lowlevel.checkpoint()  # let the publishers get ahead
+
+            seen_a: list[int] = []
+            seen_b: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume, slow, seen_a)
+                nursery.start_soon(consume, slower, seen_b)
+                for k in range(8):
+                    nursery.start_soon(publisher, k)
+            assert seen_a == seen_b == list(range(800))
+            assert slow.statistics().catch_ups >= 1
+    assert len(segments_of(tmp_path)) > 5
