@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,16 @@ def test_main_job_command_is_a_cli_command(tmp_path: Path, monkeypatch: pytest.M
     main_job, _ = quick_start_commands()
     subcommand = main_job.split("trio-events", 1)[1].split()
     assert main(subcommand) == 0
+
+
+def test_readme_python_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.+?)\n```", readme, re.DOTALL)
+    # In a process of its own: it registers a payload type in the process-wide registry.
+    result = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.splitlines() == [
+        "0 chat.message ChatMessage(content='hi')",
+        "1 tool.run {'cmd': 'ls'}",
+    ]
