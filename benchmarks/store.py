@@ -45,6 +45,16 @@ import trio
 
 import trio_events as te
 from trio_events.store.log import LogStore
+from trio_events.store.openhands import OpenHandsStore
+
+
+def make_store(kind: str, path: Path, durability: str) -> te.EventStore:
+    """``log``: this project's LogStore. ``openhands``: the seed's one-file-per-event layout
+    (OpenHandsStore, which like the seed's LocalFileStore never syncs, whatever `durability`)."""
+    if kind == "openhands":
+        return OpenHandsStore(path)
+    return LogStore(path, durability=durability)  # type: ignore[arg-type]
+
 
 PAYLOAD = {"content": "x" * 120, "tool": "bash", "exit_code": 0}
 
@@ -56,16 +66,15 @@ class Result:
     seconds: float
     rate: float  # events/s
     note: str = ""
-    # Filled in later by the OpenHands-format comparison (OpenHandsStore / the seed's file
-    # store on the same scenarios); None until then.
+    # The same scenario on the OpenHands directory format (the seed's layout, never synced).
     openhands_rate: float | None = None
 
 
 async def publish_run(
-    path: Path, durability: str, publishers: int, events: int, batch: int = 1
+    path: Path, durability: str, publishers: int, events: int, batch: int = 1, kind: str = "log"
 ) -> tuple[float, list[float]]:
     """Publish `events` events; return the elapsed seconds and per-publish latencies."""
-    store = LogStore(path, durability=durability)  # type: ignore[arg-type]
+    store = make_store(kind, path, durability)
     latencies: list[float] = []
     ids: list[int] = []
     per_task = events // publishers
@@ -94,14 +103,14 @@ async def publish_run(
     return elapsed, latencies
 
 
-async def replay_run(path: Path, events: int) -> float:
-    store = LogStore(path, durability="none")
+async def replay_run(path: Path, events: int, kind: str = "log") -> float:
+    store = make_store(kind, path, "none")
     async with te.open_event_stream("bench", store=store) as stream:
         await stream.publish_many([PAYLOAD] * 1024, source="agent", type="b")
         while stream.get_latest_event_id() < events - 1:
             n = min(1024, events - 1 - stream.get_latest_event_id())
             await stream.publish_many([PAYLOAD] * n, source="agent", type="b")
-    cold = LogStore(path, cache_events=0)
+    cold = LogStore(path, cache_events=0) if kind == "log" else make_store(kind, path, "none")
     start = time.perf_counter()
     async with te.open_event_stream("bench", store=cold) as stream:
         expected = 0
@@ -125,13 +134,17 @@ def run(args: argparse.Namespace) -> list[Result]:
     def measure(
         name: str, events: int, fn: Callable[[Path], Any], note: Callable[[Any], str]
     ) -> None:
-        runs = []
-        for _ in range(args.repeat):
-            out = trio.run(fn, fresh())
-            runs.append(out)
-        elapsed = statistics.median(r[0] if isinstance(r, tuple) else r for r in runs)
-        results.append(Result(name, events, elapsed, events / elapsed, note(runs[-1])))
-        print(f"  {name}: {events / elapsed:,.0f} events/s", file=sys.stderr, flush=True)
+        def median_seconds(kind: str) -> tuple[float, Any]:
+            runs = [trio.run(partial(fn, kind=kind), fresh()) for _ in range(args.repeat)]
+            seconds = statistics.median(r[0] if isinstance(r, tuple) else r for r in runs)
+            return seconds, runs[-1]
+
+        elapsed, last = median_seconds("log")
+        result = Result(name, events, elapsed, events / elapsed, note(last))
+        if not args.skip_openhands:
+            result.openhands_rate = events / median_seconds("openhands")[0]
+        results.append(result)
+        print(f"  {name}: {result.rate:,.0f} events/s", file=sys.stderr, flush=True)
 
     def latency_note(out: tuple[float, list[float]]) -> str:
         lat = sorted(out[1])
@@ -197,13 +210,14 @@ def fsync_latency(directory: str | None) -> float:
 
 def render(report: dict[str, Any]) -> str:
     rows = report["results"]
-    head = ("scenario", "events", "trio-events LogStore", "OpenHands format", "note")
+    head = ("scenario", "events", "trio-events LogStore", "OpenHands format", "ratio", "note")
     table = [head] + [
         (
             r["scenario"],
             f"{r['events']:,}",
             f"{r['rate']:,.0f}/s",
             "—" if r["openhands_rate"] is None else f"{r['openhands_rate']:,.0f}/s",
+            "—" if r["openhands_rate"] is None else f"{r['rate'] / r['openhands_rate']:.1f}x",
             r["note"],
         )
         for r in rows
@@ -229,6 +243,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replay", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell (median)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--skip-openhands", action="store_true", help="leave out the OpenHands-format column"
+    )
     return parser.parse_args(argv)
 
 
