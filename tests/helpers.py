@@ -48,6 +48,9 @@ class GatedLog:
     ) -> Sequence[te.Event]:
         return await self.inner.read(start_id, end_id, reverse=reverse, limit=limit)
 
+    async def maintain(self) -> None:
+        await self.inner.maintain()
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

@@ -535,12 +535,39 @@ async def test_interval_durability_syncs_a_quiet_log_within_the_interval(
     synced = threading.Event()
     monkeypatch.setattr(log_module, "_datasync", lambda fd: synced.set())
     log._last_sync = time.monotonic()  # just synced: the append itself does not sync
-    await log.append(make_events(0, 1))
-    assert not synced.is_set()
-    # No further append: the timer syncs on its own.
-    assert await trio.to_thread.run_sync(synced.wait, 10)
-    assert not log._dirty
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.maintain)  # what the stream does in its nursery
+        await log.append(make_events(0, 1))
+        assert not synced.is_set()
+        # No further append: maintenance syncs it within the interval.
+        assert await trio.to_thread.run_sync(synced.wait, 10)
+        assert not log._dirty
+        nursery.cancel_scope.cancel()
     await log.aclose()
+
+
+@pytest.mark.parametrize("durability", ["fsync", "none"])
+async def test_maintain_has_nothing_to_do_without_interval_durability(
+    tmp_path: Path, durability: str
+) -> None:
+    log = await open_log(tmp_path, durability=durability)
+    with trio.fail_after(5):
+        await log.maintain()
+    await log.aclose()
+
+
+async def test_a_stream_runs_maintenance_and_ends_it_on_close(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, durability="interval", sync_interval_ms=3_600_000)
+    async with te.open_event_stream("s", store=store) as stream:
+        await stream.publish({}, source="agent", type="t")
+        (upkeep,) = [
+            task
+            for nursery in trio.lowlevel.current_task().child_nurseries
+            for task in nursery.child_tasks
+            if task.name.startswith("log upkeep")
+        ] or [None]
+    assert upkeep is not None
+    await store.aclose()
 
 
 # --- streams, epochs, locks, arguments -------------------------------------------------------

@@ -33,6 +33,7 @@ import orjson
 import outcome
 import trio
 
+from ._checks import check_int
 from .errors import (
     EventDecodeError,
     EventEncodeError,
@@ -174,6 +175,7 @@ class EventStream:
         self.registry = registry
         self._log = log
         self._log_closed = False
+        self._maintenance = trio.CancelScope()
         self._nursery = nursery
         self._max_event_bytes = max_event_bytes
         # One comparison per event on the common path: sizes below both limits need nothing.
@@ -424,6 +426,12 @@ class EventStream:
                         await batches_send.send(events)
         finally:
             self._fail_waiting_publishers(pending)
+            # Nothing is appended any more: what is left unsynced, closing the log syncs.
+            self._maintenance.cancel()
+
+    async def _run_maintenance(self) -> None:
+        with self._maintenance:
+            await self._log.maintain()
 
     def _assign(self, requests: list[_PublishRequest]) -> tuple[list[Event], list[list[Event]]]:
         """Give the drafts of `requests` their ids and timestamp, in arrival order."""
@@ -803,13 +811,9 @@ async def open_event_stream(
     Errors raised inside the block come out unchanged.
     """
     check_stream_id(stream_id)
-    for name, value, low in (
-        ("max_event_bytes", max_event_bytes, 256),
-        ("publish_buffer", publish_buffer, 1),
-        ("max_batch", max_batch, 1),
-    ):
-        if type(value) is not int or value < low:
-            raise ValueError(f"{name} is an integer >= {low}, not {value!r}")
+    check_int("max_event_bytes", max_event_bytes, 256)
+    check_int("publish_buffer", publish_buffer, 1)
+    check_int("max_batch", max_batch, 1)
     if not shutdown_timeout >= 0:  # also refuses NaN
         raise ValueError(f"shutdown_timeout is >= 0 seconds, not {shutdown_timeout!r}")
     own_store = store is None
@@ -835,6 +839,7 @@ async def open_event_stream(
                     max_batch=max_batch,
                     last_timestamp=last_timestamp,
                 )
+                nursery.start_soon(stream._run_maintenance, name=f"log upkeep {stream_id}")
                 nursery.start_soon(stream._run_writer, name=f"writer {stream_id}")
                 nursery.start_soon(stream._run_router, name=f"router {stream_id}")
                 try:

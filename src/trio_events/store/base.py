@@ -71,6 +71,12 @@ class StreamLog(Protocol):
         self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
     ) -> Sequence[Event]: ...
 
+    async def maintain(self) -> None:
+        """Background upkeep (periodic syncs, ...), run by the stream in its own nursery while
+        the log is open, and cancelled once the stream's writer has ended. Returns at once
+        when the log needs none."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -41,6 +41,7 @@ import attrs
 import orjson
 import trio
 
+from .._checks import check_int
 from ..errors import CorruptLogError, HistoryTruncated
 from ..events import Event, PayloadRegistry, encode_event, event_from_dict
 from .base import check_stream_id
@@ -401,9 +402,10 @@ class LogStreamLog:
         self._broken: BaseException | None = None
         self._last_sync = time.monotonic()
         self._dirty = False
-        # Guards the write fd between the writer's thread hops and the interval sync timer.
+        # Guards the write fd between the writer's thread hops and `maintain`'s syncs.
         self._io_lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        # Set when an append leaves data unsynced ("interval" durability): `maintain` syncs it.
+        self._unsynced = trio.Event()
         self._cache: list[Event] = []
         self._cache_first = self._last_id + 1
 
@@ -467,6 +469,8 @@ class LogStreamLog:
         active.size = end
         active.mtime = time.time()
         self._last_id = events[-1].id
+        if not sync and durability == "interval":
+            self._unsynced.set()
         self._add_to_cache(events)
         if store.retain_bytes is not None or store.retain_seconds is not None:
             await self._apply_retention()
@@ -532,19 +536,28 @@ class LogStreamLog:
                     raise
                 self._dirty = False
                 self._last_sync = time.monotonic()
-            elif self._store.durability == "interval" and self._timer is None:
-                # Sync what this batch left unsynced within the interval, even if no other
-                # append comes to do it.
-                delay = self._store.sync_interval_ms / 1000 - (time.monotonic() - self._last_sync)
-                self._timer = threading.Timer(max(delay, 0.0), self._timed_sync)
-                self._timer.daemon = True
-                self._timer.start()
         return offsets
 
-    def _timed_sync(self) -> None:
-        """The ``interval`` durability's timer: sync the active segment if it is dirty."""
+    async def maintain(self) -> None:
+        """Background upkeep, run by the stream in its nursery while the log is open.
+
+        With ``"interval"`` durability: whatever an append left unsynced is synced within
+        ``sync_interval_ms``, even when no further append comes to do it. Otherwise there is
+        nothing to do, and it returns at once.
+        """
+        if self._store.durability != "interval":
+            await trio.lowlevel.checkpoint()
+            return
+        interval = self._store.sync_interval_ms / 1000
+        while True:
+            await self._unsynced.wait()
+            self._unsynced = trio.Event()
+            await trio.sleep(max(0.0, interval - (time.monotonic() - self._last_sync)))
+            await trio.to_thread.run_sync(self._sync_if_dirty)
+
+    def _sync_if_dirty(self) -> None:
+        """`maintain`'s sync of the active segment, in a worker thread."""
         with self._io_lock:
-            self._timer = None
             if self._fd is None or not self._dirty or self._broken is not None:
                 return
             try:
@@ -687,9 +700,6 @@ class LogStreamLog:
 
     def _close_files(self) -> None:
         with self._io_lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             try:
                 if self._fd is not None:
                     if self._dirty and self._store.durability != "none" and self._broken is None:
@@ -788,15 +798,10 @@ class LogStore:
     ) -> None:
         if durability not in _DURABILITIES:
             raise ValueError(f"durability is one of {list(_DURABILITIES)}, not {durability!r}")
-        for name, value, low in (
-            ("sync_interval_ms", sync_interval_ms, 1),
-            ("segment_bytes", segment_bytes, 4096),
-            ("cache_events", cache_events, 0),
-        ):
-            if type(value) is not int or value < low:
-                raise ValueError(f"{name} is an integer >= {low}, not {value!r}")
-        if retain_bytes is not None and (type(retain_bytes) is not int or retain_bytes < 1):
-            raise ValueError(f"retain_bytes is None or an integer >= 1, not {retain_bytes!r}")
+        check_int("sync_interval_ms", sync_interval_ms, 1)
+        check_int("segment_bytes", segment_bytes, 4096)
+        check_int("cache_events", cache_events, 0)
+        check_int("retain_bytes", retain_bytes, 1, optional=True)
         if retain_seconds is not None and (
             type(retain_seconds) not in (int, float) or not retain_seconds > 0
         ):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import trio
 
+from .._checks import check_int
 from ..errors import HistoryTruncated
 from ..events import Event, PayloadRegistry
 from .base import check_stream_id
@@ -88,6 +89,10 @@ class MemoryStreamLog:
         chunk.reverse()
         return chunk
 
+    async def maintain(self) -> None:
+        """No background upkeep: returns at once."""
+        await trio.lowlevel.checkpoint()
+
     async def aclose(self) -> None:
         """Close this handle; the history stays in the store."""
         self._open = False
@@ -106,8 +111,7 @@ class MemoryStore:
     """
 
     def __init__(self, *, max_events: int | None = None) -> None:
-        if max_events is not None and (not isinstance(max_events, int) or max_events < 1):
-            raise ValueError(f"max_events is None or an integer >= 1, not {max_events!r}")
+        check_int("max_events", max_events, 1, optional=True)
         self._max_events = max_events
         self._logs: dict[str, MemoryStreamLog] = {}
 

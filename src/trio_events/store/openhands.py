@@ -280,6 +280,10 @@ class OpenHandsStreamLog:
             return None
         return [self._decode(d, start + n, f"{path}[{n}]") for n, d in enumerate(data)]
 
+    async def maintain(self) -> None:
+        """No background upkeep: returns at once."""
+        await trio.lowlevel.checkpoint()
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
