@@ -22,6 +22,7 @@ from .errors import (
     StoreError,
     StreamClosed,
     SubscriberDisconnected,
+    TooManyStreams,
     TrioEventsError,
 )
 from .events import (
@@ -36,6 +37,7 @@ from .events import (
     event_type,
 )
 from .filters import EventFilter
+from .hub import EventHub, HubStats, HubStreamStats, open_event_hub
 from .secrets import MASK
 from .store import (
     EventStore,
@@ -64,12 +66,15 @@ __all__ = [
     "EventDecodeError",
     "EventEncodeError",
     "EventFilter",
+    "EventHub",
     "EventNotFound",
     "EventSource",
     "EventStore",
     "EventStream",
     "EventTooLarge",
     "HistoryTruncated",
+    "HubStats",
+    "HubStreamStats",
     "InvalidStreamId",
     "LogStore",
     "MemoryStore",
@@ -87,6 +92,7 @@ __all__ = [
     "SubscriberStats",
     "Subscription",
     "Supervision",
+    "TooManyStreams",
     "TrioEventsError",
     "check_stream_id",
     "decode_event",
@@ -95,5 +101,6 @@ __all__ = [
     "event_from_dict",
     "event_to_dict",
     "event_type",
+    "open_event_hub",
     "open_event_stream",
 ]

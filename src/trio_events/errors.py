@@ -20,6 +20,7 @@ __all__ = [
     "StoreError",
     "StreamClosed",
     "SubscriberDisconnected",
+    "TooManyStreams",
     "TrioEventsError",
 ]
 
@@ -122,3 +123,19 @@ class CorruptLogError(TrioEventsError):
 
 class OpenHandsFormatError(EventDecodeError):
     """An OpenHands event dict (or file) cannot be mapped to an `Event`; says where and why."""
+
+
+class TooManyStreams(TrioEventsError):
+    """The hub already has ``max_streams`` streams; it opens no more until some close.
+
+    Attributes:
+        limit: The hub's ``max_streams``.
+    """
+
+    def __init__(self, stream_id: str, limit: int) -> None:
+        super().__init__(
+            f"cannot open stream {stream_id!r}: the hub already has max_streams={limit} streams "
+            f"open, opening or closing; wait for idle streams to close (a smaller idle_timeout "
+            f"closes them sooner) or open the hub with a larger max_streams"
+        )
+        self.limit = limit

@@ -34,6 +34,7 @@ import outcome
 import trio
 
 from ._checks import check_int
+from ._groups import sole_exception
 from .errors import (
     EventDecodeError,
     EventEncodeError,
@@ -855,7 +856,7 @@ async def open_event_stream(
                     shutdown_timeout,
                 )
         except BaseExceptionGroup as group:
-            single = _sole_exception(group)
+            single = sole_exception(group)
             if single is None:
                 raise
     finally:
@@ -878,13 +879,3 @@ def _has_non_finite_float(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_has_non_finite_float(item) for item in value)
     return False
-
-
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside (possibly nested) single-member groups, else None."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return None
