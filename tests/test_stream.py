@@ -596,3 +596,50 @@ async def test_non_finite_floats_are_refused_not_stored_as_null(bad: float) -> N
             await stream.publish({"a": [1, {"b": bad}]}, source=AGENT, type="t")
         event = await stream.publish({"a": None, "b": 1.5}, source=AGENT, type="t")
         assert event.payload == {"a": None, "b": 1.5}
+
+
+async def test_publisher_waiting_for_room_when_the_stream_closes_gets_stream_closed() -> None:
+    store = GatedStore()
+    outcomes: list[str] = []
+    async with trio.open_nursery() as publishers:
+        async with te.open_event_stream(
+            "s", store=store, publish_buffer=1, shutdown_timeout=0
+        ) as stream:
+            log = store.logs["s"]
+            log.gate = trio.Event()  # the writer holds the first request at the gate
+
+            async def publish(task_status: trio.TaskStatus[None]) -> None:
+                task_status.started()
+                try:
+                    await stream.publish({}, source=AGENT, type="t")
+                    outcomes.append("published")
+                except te.StreamClosed as exc:
+                    outcomes.append(str(exc))
+
+            for _ in range(3):  # one at the gate, one in the channel, one waiting for room
+                await publishers.start(publish)
+                await trio.testing.wait_all_tasks_blocked()
+            assert stream.statistics().pending_publishes == 1
+    assert sorted(outcomes) == [
+        "stream 's' closed before this event was accepted",
+        "stream 's' closed before this event was stored",
+        "stream 's' closed before this event was stored",
+    ]
+
+
+async def test_router_parked_on_a_full_block_subscriber_is_cancelled_at_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tasks_before = count_tasks()
+
+    async def stuck(event: te.Event) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as publishers:
+        async with te.open_event_stream("s", shutdown_timeout=1) as stream:
+            stream.subscribe("t", stuck, "stuck", buffer=1, overflow="block")
+            publishers.start_soon(publish_n, stream, 5)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = stream.statistics().subscribers[("t", "stuck")]
+            assert (stats.delivered, stats.queue_depth) == (1, 1)  # the router waits for room
+    assert count_tasks() == tasks_before
