@@ -643,3 +643,25 @@ async def test_router_parked_on_a_full_block_subscriber_is_cancelled_at_shutdown
             stats = stream.statistics().subscribers[("t", "stuck")]
             assert (stats.delivered, stats.queue_depth) == (1, 1)  # the router waits for room
     assert count_tasks() == tasks_before
+
+
+async def test_a_store_that_fails_but_keeps_events_does_not_wedge_the_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = GatedStore()
+    async with te.open_event_stream("s", store=store) as stream:
+        recorder = Recorder()
+        stream.subscribe("t", recorder, "cb")
+        log = store.logs["s"]
+
+        async def append_then_fail(events: object) -> None:
+            await log.inner.append(events)  # type: ignore[arg-type]
+            raise OSError("fsync failed after the write")
+
+        log.append = append_then_fail  # type: ignore[method-assign]
+        with pytest.raises(te.StoreError):
+            await publish_n(stream, 2)
+        del log.append
+        assert "bug in the store" in caplog.text
+        assert (await stream.publish({}, source=AGENT, type="t")).id == 2
+    assert recorder.ids == [0, 1, 2]  # live subscribers saw every stored id

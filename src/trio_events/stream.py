@@ -415,6 +415,20 @@ class EventStream:
                             )
                             error.__cause__ = exc
                             request.complete(outcome.Error(error))
+                        stored = log.last_id - self._last_id
+                        if stored > 0:
+                            # The store broke its contract (a failed append must store
+                            # nothing). Follow it rather than wedge: every later batch would
+                            # fail, and live subscribers must not miss stored ids.
+                            logger.error(
+                                "stream %r: the store raised but kept %d of events %s; this is "
+                                "a bug in the store: their publishers were told they failed",
+                                self.stream_id,
+                                stored,
+                                what,
+                            )
+                            self._last_id = log.last_id
+                            await batches_send.send(events[:stored])
                         continue
                     self._last_id = events[-1].id
                     self._published += len(events)
