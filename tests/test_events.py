@@ -587,3 +587,18 @@ async def test_mutating_a_published_dict_does_not_change_the_stored_event(
         stored = await stream.get_event(event.id)
         assert event.payload == received.payload == stored.payload == expected
         assert te.decode_event(te.encode_event(stored)).payload == expected
+
+
+@pytest.mark.parametrize("source", [["agent"], {"a": 1}, 3, None])
+def test_a_source_of_the_wrong_kind_is_a_decode_error(source: object) -> None:
+    data = {
+        "id": 0,
+        "timestamp": "2026-11-26T00:00:00+00:00",
+        "source": source,
+        "type": "t",
+        "cause": None,
+        "hidden": False,
+        "payload": {},
+    }
+    with pytest.raises(te.EventDecodeError, match="source must be one of"):
+        te.event_from_dict(data)

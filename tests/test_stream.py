@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from functools import partial
 
@@ -665,3 +666,73 @@ async def test_a_store_that_fails_but_keeps_events_does_not_wedge_the_stream(
         assert "bug in the store" in caplog.text
         assert (await stream.publish({}, source=AGENT, type="t")).id == 2
     assert recorder.ids == [0, 1, 2]  # live subscribers saw every stored id
+
+
+async def test_events_the_router_never_dispatched_are_not_lost_silently() -> None:
+    # A stuck BLOCK subscriber holds the router; the shutdown timeout then cancels it with
+    # stored batches undispatched. A live consumer outside the block must get them from the
+    # store, or be told where to resume: never end as if it had everything.
+    got: list[int] = []
+    ended: list[str] = []
+
+    async def stuck(event: te.Event) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as outside:
+        async with te.open_event_stream("s", shutdown_timeout=0.2) as stream:
+            stream.subscribe("t", stuck, "stuck", buffer=1, overflow="block")
+
+            async def consume(task_status: trio.TaskStatus[None]) -> None:
+                async with stream.subscription(buffer=100) as sub:
+                    task_status.started()
+                    try:
+                        async for event in sub:
+                            got.append(event.id)
+                        ended.append("end")
+                    except te.StreamClosed as exc:
+                        ended.append(str(exc))
+
+            await outside.start(consume)
+            for _ in range(9):
+                await stream.publish({}, source=AGENT, type="t")
+    assert got == list(range(len(got)))
+    if ended == ["end"]:
+        assert got == list(range(9))
+    else:
+        assert ended[0].endswith(f"resume with after={got[-1] if got else -1}")
+
+
+async def test_blocked_in_thread_callback_does_not_hold_up_shutdown() -> None:
+    release = threading.Event()
+
+    def blocking(event: te.Event) -> None:
+        release.wait(30)
+
+    try:
+        with trio.fail_after(10):
+            async with te.open_event_stream("s", shutdown_timeout=0.05) as stream:
+                stream.subscribe("t", blocking, "blocking", in_thread=True)
+                await publish_n(stream, 1)
+                await trio.testing.wait_all_tasks_blocked()
+    finally:
+        release.set()
+
+
+async def test_a_users_exception_group_comes_out_as_raised() -> None:
+    mine = ExceptionGroup("mine", [KeyError("k")])
+    with pytest.raises(ExceptionGroup) as info:
+        async with te.open_event_stream("s"):
+            raise mine
+    # Trio's cancel scopes split groups (to strip Cancelled), so it may be a derived copy: the
+    # same group, with the same members, not unwrapped to its single member.
+    assert info.value.message == "mine"
+    assert info.value.exceptions == mine.exceptions
+
+
+async def test_publish_in_an_already_cancelled_scope_publishes_nothing() -> None:
+    async with te.open_event_stream("s") as stream:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await stream.publish({}, source=AGENT, type="t")
+        assert scope.cancelled_caught
+        assert stream.get_latest_event_id() == -1

@@ -809,3 +809,27 @@ def test_replay_never_duplicates_or_skips(
     for m in out:
         if isinstance(m, Events):
             assert 1 <= len(m.events) <= max_events
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ", "token=abc&d3f-secret-tail"],
+)
+def test_unknown_parameter_names_that_may_be_credentials_are_not_echoed(query: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_stream_request(f"/v1/streams/s?{query}", [])
+    message = str(info.value)
+    assert "eyJ" not in message
+    assert "secret" not in message
+    assert "not shown" in message
+
+
+def test_a_misspelt_parameter_name_is_shown() -> None:
+    with pytest.raises(ProtocolError, match='"aftr"'):
+        parse_stream_request("/v1/streams/s?aftr=3", [])
+
+
+@pytest.mark.parametrize("limits", [{"max_frame_events": 0}, {"max_frame_bytes": 0}])
+def test_replay_checks_frame_limits_when_made(limits: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Replay("s", after=-1, first_id=0, last_id=-1, epoch="e", **limits)  # type: ignore[arg-type]

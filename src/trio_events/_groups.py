@@ -6,10 +6,11 @@ __all__ = ["sole_exception"]
 
 
 def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside (possibly nested) single-member groups, else None."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
+    """The one exception a nursery's group wraps, else None.
+
+    Exactly one level is unwrapped: that is the nursery's own group. What is inside comes out
+    as it was raised, an exception group of the user's own included.
+    """
+    if len(group.exceptions) == 1:
+        return group.exceptions[0]
     return None

@@ -271,7 +271,8 @@ def event_from_dict(
     try:
         id_ = data["id"]
         stamp = data["timestamp"]
-        source = _SOURCE_BY_VALUE.get(data["source"])
+        source_value = data["source"]
+        source = _SOURCE_BY_VALUE.get(source_value) if type(source_value) is str else None
         type_name = data["type"]
         cause = data["cause"]
         hidden = data["hidden"]

@@ -191,6 +191,7 @@ class EventStream:
         self._last_id = log.last_id
         self._last_timestamp = last_timestamp
         self._dispatched_id_value = log.last_id
+        self._router_done = False
         self._published = 0
         self._batch_count = 0
         self._subscribers: dict[tuple[str, str], _Subscriber] = {}
@@ -256,6 +257,10 @@ class EventStream:
     async def _submit(self, drafts: list[_Draft]) -> list[Event]:
         if self._closed:
             raise StreamClosed(f"stream {self.stream_id!r} is closed; publish while it is open")
+        # A publish in an already cancelled scope publishes nothing (Trio's rule: Cancelled
+        # means it did not happen); once queued, the event is published even if the wait is
+        # cancelled.
+        await trio.lowlevel.checkpoint_if_cancelled()
         request = _PublishRequest(drafts)
         try:
             try:
@@ -490,7 +495,13 @@ class EventStream:
 
     @property
     def _dispatched_id(self) -> int:
-        """The last id the router has started to dispatch: subscribers at it are level."""
+        """The last id the router has started to dispatch: subscribers at it are level.
+
+        Once the router has ended, the store's last id: whatever it did not dispatch (it was
+        cancelled, or the writer stored a batch after it) is read from the store.
+        """
+        if self._router_done:
+            return self._log.last_id
         return self._dispatched_id_value
 
     async def _run_router(self) -> None:
@@ -513,7 +524,13 @@ class EventStream:
                 for sub in fanout:
                     sub.wake()
         finally:
+            # No more live fan-out. Every subscriber finishes from the store up to its last
+            # id: a cancelled router may have left stored batches undispatched, and no event
+            # may go missing silently (the store's last id is the target from now on).
+            self._router_done = True
             for sub in self._subscribers.values():
+                if sub.live:
+                    sub._detach(SubscriberState.CATCHING_UP)
                 sub.close(SubscriberState.CLOSED)
 
     # --- subscribing --------------------------------------------------------------------------

@@ -469,7 +469,9 @@ def _as_async(callback: Callback, in_thread: bool) -> Callable[[Event], Awaitabl
     if in_thread:
 
         async def run_in_thread(event: Event) -> object:
-            return await trio.to_thread.run_sync(callback, event)
+            # Abandoned on cancellation, so that a blocked callback cannot hold up the
+            # stream's shutdown or cancellation; the thread finishes on its own.
+            return await trio.to_thread.run_sync(callback, event, abandon_on_cancel=True)
 
         return run_in_thread
     if _is_async_callable(callback):

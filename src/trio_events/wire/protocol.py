@@ -391,12 +391,22 @@ def _names(keys: Iterable[str]) -> str:
     return ", ".join(_shown(k) for k in sorted(keys))
 
 
+_PLAUSIBLE_PARAM = re.compile(r"[a-z_]{1,24}")
+
+
 def _param_names(names: Iterable[str]) -> str:
-    """Unknown query parameter names for a message; a name holding '=' is withheld (it may be
-    a credential that was percent-encoded by mistake, as in ``token%3DSECRET``)."""
-    return ", ".join(
-        "(a name containing '=')" if "=" in name else _shown(name, 32) for name in sorted(names)
-    )
+    """Unknown query parameter names for a message.
+
+    Only names that look like a misspelt parameter are shown: anything else may be a
+    credential that landed in the query by mistake (``?eyJ…``, or the tail of a token value
+    holding an unencoded ``&``), and is only counted.
+    """
+    names = sorted(names)
+    shown = [f'"{name}"' for name in names if _PLAUSIBLE_PARAM.fullmatch(name)]
+    hidden = len(names) - len(shown)
+    if hidden:
+        shown.append(f"{hidden} other(s) not shown")
+    return ", ".join(shown)
 
 
 def binary_frame_error(size: int) -> ProtocolError:
@@ -935,6 +945,11 @@ class Replay:
             )
         if after != LATEST and (type(after) is not int or after < -1):
             raise ValueError(f"after is -1, an id >= 0 or 'latest', not {after!r}")
+        # Checked here, not on the first feed: coalesce() is a generator.
+        if type(max_frame_bytes) is not int or max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes must be >= 1, not {max_frame_bytes!r}")
+        if type(max_frame_events) is not int or max_frame_events < 1:
+            raise ValueError(f"max_frame_events must be >= 1, not {max_frame_events!r}")
         self.stream = stream
         self.after = last_id if after == LATEST else after
         self.first_id = first_id
