@@ -319,7 +319,7 @@ async def test_salvage_keeps_the_valid_prefix_and_moves_the_rest_aside(tmp_path:
     assert await read_all(log) == events[:2]
     assert log.recovery is not None
     assert log.recovery.moved_to is not None
-    moved = tmp_path / "streams" / "s" / f"{segment.name}.corrupt-{ends[0][0]}"
+    [moved] = (tmp_path / "streams" / "s").glob(f"{segment.name}.corrupt-{ends[0][0]}-*")
     assert log.recovery.moved_to == str(moved)
     assert moved.read_bytes() == bytes(damaged[ends[0][0] :])
     await log.append(make_events(2, 1))
@@ -424,7 +424,7 @@ async def test_damage_in_a_sealed_segment_is_found_on_read_verify_and_salvage(
     log = await open_log(tmp_path, salvage=True)
     assert log.last_id == first_of_second - 1
     assert await read_all(log) == events[:first_of_second]
-    assert all(f.with_name(f.name + ".corrupt").exists() for f in files[2:])
+    assert all(len(list(f.parent.glob(f.name + ".corrupt-*"))) == 1 for f in files[2:])
     await log.append(make_events(first_of_second, 1))
     await log.aclose()
 
@@ -916,3 +916,365 @@ async def test_catch_up_reads_race_appends_and_segment_rolls(tmp_path: Path) -> 
             assert seen_a == seen_b == list(range(800))
             assert slow.statistics().catch_ups >= 1
     assert len(segments_of(tmp_path)) > 5
+
+
+# --- review findings: races, failed appends, closing, epochs, salvage, durability --------------
+
+
+async def test_a_cached_read_is_not_confused_by_an_append_that_trims_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="none", cache_events=4)
+    await log.append(make_events(0, 8))  # the cache holds 0..7 (trimmed above 2 * 4)
+    real_checkpoint = trio.lowlevel.checkpoint
+    armed = [True]
+
+    async def checkpoint_that_lets_an_append_run() -> None:
+        # Exactly the interleaving that matters: the read's checkpoint lets a whole append,
+        # which trims the cache, run before the read continues.
+        if armed:
+            armed.clear()
+            await log.append(make_events(8, 4))
+        await real_checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint_that_lets_an_append_run)
+    got = await log.read(6, 7, limit=10)
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", real_checkpoint)
+    assert not armed, "the read did not checkpoint"
+    assert log.last_id == 11
+    assert [e.id for e in got] == [6, 7]
+    await log.aclose()
+
+
+async def test_a_second_concurrent_append_is_refused(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    stored: list[str] = []
+    refused: list[str] = []
+
+    async def append(tag: str) -> None:
+        events = [te.Event(i, NOW, AGENT, "t", {"by": tag}) for i in range(3)]
+        try:
+            await log.append(events)
+        except RuntimeError as exc:
+            refused.append(str(exc))
+        else:
+            stored.append(tag)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(append, "A")
+        nursery.start_soon(append, "B")
+    assert refused == [
+        "append is already in progress on this log: the stream's writer is its only caller"
+    ]
+    [winner] = stored
+    assert [e.payload["by"] for e in await read_all(log)] == [winner] * 3
+    await log.aclose()
+    log = await open_log(tmp_path)
+    assert [e.payload["by"] for e in await read_all(log)] == [winner] * 3
+    await log.aclose()
+
+
+async def test_retention_failing_after_a_committed_append_is_best_effort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = log_module._unlink_all
+    failures = [2]  # the first two removals fail
+
+    def flaky(paths: list[Path], directory: Path) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise PermissionError(errno.EACCES, "Permission denied (injected)", str(paths[0]))
+        real(paths, directory)
+
+    monkeypatch.setattr(log_module, "_unlink_all", flaky)
+    log = await open_log(
+        tmp_path, segment_bytes=4096, retain_bytes=2 * 4096, cache_events=0, durability="none"
+    )
+    events = make_events(0, 400, pad=40)
+    with caplog.at_level(logging.WARNING, "trio_events.store.log"):
+        for i in range(0, 400, 10):
+            await log.append(events[i : i + 10])  # never raises: the batches are stored
+    assert failures == [0]
+    assert log.last_id == 399
+    assert list(await log.read(log.first_id, 399, limit=1000)) == events[log.first_id :]
+    warnings = [r for r in caplog.records if "retention could not remove" in r.getMessage()]
+    assert len(warnings) == 1  # once, naming the file
+    assert "00000000000000000000.seg" in warnings[0].getMessage()
+    # Retried on later appends: nothing below first_id is left on disk.
+    assert int(segments_of(tmp_path)[0].name[:20]) == log.first_id > 0
+    await log.aclose()
+
+
+def locked_under(root: Path) -> bool:
+    """Whether this process holds a stream lock under `root`."""
+    return any(key.startswith(os.path.realpath(root)) for key in log_module._LOCKED)
+
+
+async def test_a_cancelled_aclose_still_closes_the_files_and_releases_the_lock(
+    tmp_path: Path,
+) -> None:
+    store = LogStore(tmp_path, durability="interval", sync_interval_ms=60_000)
+    log = await store.open_stream("s", REG)
+    await log.append(make_events(0, 3))
+    assert log._fd is not None
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await log.aclose()
+    assert log._fd is None
+    assert not locked_under(tmp_path)
+    log = await store.open_stream("s", REG)  # this store, and another one, can reopen it
+    assert log.last_id == 2
+    await log.aclose()
+    log = await LogStore(tmp_path).open_stream("s", REG)
+    await log.aclose()
+    # LogStore.aclose closes every log even when cancelled.
+    store = LogStore(tmp_path)
+    await store.open_stream("s", REG)
+    await store.open_stream("t", REG)
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await store.aclose()
+    assert store._open == {}
+    assert not locked_under(tmp_path)
+
+
+async def test_a_cancelled_import_leaks_no_descriptor_or_lock(tmp_path: Path) -> None:
+    import json
+
+    from trio_events.openhands import import_trajectory
+
+    traj = tmp_path / "traj.json"
+    traj.write_text(
+        json.dumps(
+            [
+                {
+                    "id": i,
+                    "timestamp": datetime(2026, 1, 1, 0, 0, i % 60).isoformat(),
+                    "source": "agent",
+                    "action": "message",
+                    "args": {"content": "x" * 50},
+                    "message": "m",
+                }
+                for i in range(500)
+            ]
+        )
+    )
+    store = LogStore(tmp_path / "data", durability="interval")
+    fds_before = len(os.listdir("/proc/self/fd")) if sys.platform == "linux" else None
+    done: list[int] = []
+    with trio.CancelScope() as cs:
+
+        def progress(n: int, total: int) -> None:
+            done.append(n)
+            if n >= 200:
+                cs.cancel()
+
+        await import_trajectory(traj, store, "imported", batch_size=50, progress=progress)
+    assert cs.cancelled_caught
+    assert done[-1] == 200
+    if fds_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert store._open == {}
+    log = await LogStore(tmp_path / "data").open_stream("imported", REG)
+    assert log.last_id == 199
+    await log.aclose()
+    await store.reset_stream("imported")
+
+
+async def test_a_failing_sync_on_close_still_closes_the_fd_and_releases_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="interval", sync_interval_ms=60_000)
+    await log.append(make_events(0, 3))
+    assert log._dirty
+    assert log._fd is not None
+    fd = log._fd
+    inode = os.fstat(fd).st_ino
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(log_module, "_datasync", eio)
+    with pytest.raises(OSError, match="injected"):
+        await log.aclose()
+    monkeypatch.undo()
+    assert log._fd is None
+    try:
+        still_open = os.fstat(fd).st_ino == inode
+    except OSError:
+        still_open = False
+    assert not still_open
+    log = await open_log(tmp_path)  # the lock was released
+    await log.aclose()
+
+
+async def test_salvage_gives_the_stream_a_new_epoch(tmp_path: Path) -> None:
+    # Damage in the middle of the last segment.
+    await write_batches(tmp_path, [2, 3, 3])
+    log = await open_log(tmp_path)
+    epoch = log.epoch
+    await log.aclose()
+    [segment] = segments_of(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[batch_ends(bytes(data))[0][0] + 25] ^= 0x01
+    segment.write_bytes(bytes(data))
+    log = await open_log(tmp_path, salvage=True)
+    assert log.last_id == 1
+    salvaged = log.epoch
+    assert salvaged != epoch
+    await log.aclose()
+    log = await open_log(tmp_path)  # persisted in meta.json
+    assert log.epoch == salvaged
+    await log.aclose()
+    # Damage in a sealed segment.
+    log = await open_log(tmp_path / "b", segment_bytes=4096, durability="none")
+    for i in range(0, 300, 10):
+        await log.append(make_events(i, 10, pad=20))
+    epoch = log.epoch
+    await log.aclose()
+    second = segments_of(tmp_path / "b")[1]
+    data = bytearray(second.read_bytes())
+    data[SEGMENT_HEADER_SIZE + 30] ^= 0x40
+    second.write_bytes(bytes(data))
+    log = await open_log(tmp_path / "b", salvage=True)
+    assert log.last_id < 299
+    assert log.epoch != epoch
+    await log.aclose()
+    # A torn tail (nothing acknowledged lost under fsync) keeps the epoch.
+    log = await open_log(tmp_path / "c")
+    await log.append(make_events(0, 2))
+    epoch = log.epoch
+    await log.aclose()
+    [segment] = segments_of(tmp_path / "c")
+    with segment.open("ab") as f:
+        f.write(b"\x00" * 30)
+    log = await open_log(tmp_path / "c")
+    assert log.recovery is not None
+    assert log.epoch == epoch
+    await log.aclose()
+
+
+async def test_a_second_salvage_never_overwrites_the_first_ones_files(tmp_path: Path) -> None:
+    directory = tmp_path / "streams" / "s"
+
+    def corrupt_first_segment() -> None:
+        path = directory / "00000000000000000000.seg"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def aside() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in directory.iterdir() if ".corrupt" in p.name}
+
+    async def fill(log: LogStreamLog) -> None:
+        while log.last_id < 299:
+            await log.append(make_events(log.last_id + 1, min(10, 299 - log.last_id), pad=40))
+
+    log = await open_log(tmp_path, segment_bytes=4096)
+    await fill(log)
+    await log.aclose()
+    corrupt_first_segment()
+    log = await open_log(tmp_path, segment_bytes=4096, salvage=True)
+    first = aside()
+    assert len(first) > 1
+    await fill(log)
+    await log.aclose()
+    corrupt_first_segment()
+    log = await open_log(tmp_path, segment_bytes=4096, salvage=True)
+    await log.aclose()
+    second = aside()
+    assert len(second) == 2 * len(first)
+    assert {name: second[name] for name in first} == first
+
+
+async def test_a_missing_segment_is_corruption_not_retention(tmp_path: Path) -> None:
+    log = await open_log(tmp_path, segment_bytes=4096, cache_events=0)
+    for i in range(0, 200, 10):
+        await log.append(make_events(i, 10, pad=40))
+    first_segment = segments_of(tmp_path)[0]
+    first_segment.unlink()
+    with pytest.raises(CorruptLogError, match="segment file is missing") as info:
+        await log.read(5, 5, limit=1)
+    assert info.value.path == str(first_segment)
+    assert log.first_id == 0
+    await log.aclose()
+
+
+async def test_sealing_a_segment_written_by_an_earlier_process_syncs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="none", segment_bytes=4096)
+    await log.append(make_events(0, 60, pad=60))  # fills segment 0 past segment_bytes
+    await log.aclose()  # "none": not synced on close
+    segment0 = segments_of(tmp_path)[0]
+    synced: list[int] = []
+    monkeypatch.setattr(log_module, "_datasync", lambda fd: synced.append(os.fstat(fd).st_ino))
+    log = await open_log(tmp_path, durability="none", segment_bytes=4096)
+    await log.append(make_events(60, 1))  # rolls: segment 0 becomes sealed
+    assert len(segments_of(tmp_path)) == 2
+    assert synced == [segment0.stat().st_ino]
+    await log.aclose()
+
+
+async def test_creating_a_stream_syncs_the_directories_that_name_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = log_module._fsync_dir
+    synced: list[Path] = []
+
+    def spy(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(log_module, "_fsync_dir", spy)
+    log = await open_log(tmp_path)
+    await log.aclose()
+    assert tmp_path / "streams" / "s" in synced
+    assert tmp_path / "streams" in synced
+    assert tmp_path in synced
+
+
+async def test_a_second_aclose_returns_only_once_the_log_is_closed(tmp_path: Path) -> None:
+    # Unsynced data, so that the close syncs in a thread hop.
+    store = LogStore(tmp_path, durability="interval", sync_interval_ms=60_000)
+    log = await store.open_stream("s", REG)
+    await log.append(make_events(0, 1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.aclose)
+        await trio.testing.wait_all_tasks_blocked()  # the first close is in its thread hop
+        await log.aclose()
+        assert store._open == {}
+        assert log._lock is None
+
+
+async def test_opening_a_stream_that_is_being_closed_waits_for_the_close(tmp_path: Path) -> None:
+    # Unsynced data, so that the close syncs in a thread hop.
+    store = LogStore(tmp_path, durability="interval", sync_interval_ms=60_000)
+    log = await store.open_stream("s", REG)
+    await log.append(make_events(0, 1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.aclose)
+        await trio.testing.wait_all_tasks_blocked()  # the close is in its thread hop
+        again = await store.open_stream("s", REG)
+        assert again.last_id == 0
+        await again.aclose()
+
+
+async def test_closing_a_clean_log_needs_no_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LogStore(tmp_path)  # "fsync": every append is synced, so nothing is left to sync
+    log = await store.open_stream("s", REG)
+    await log.append(make_events(0, 3))
+
+    async def no_threads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread hop")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_threads)
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await log.aclose()
+    monkeypatch.undo()
+    assert store._open == {}
+    assert log._fd is None
+    assert log._lock is None

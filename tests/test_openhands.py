@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,7 +40,7 @@ from trio_events.openhands import (
 )
 from trio_events.store import openhands as store_module
 from trio_events.store.log import LogStore
-from trio_events.store.openhands import EPOCH_FILE, OpenHandsStore
+from trio_events.store.openhands import EPOCH_FILE, LOCK_FILE, OpenHandsStore
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "openhands"
 CONV_ROOT = FIXTURES / "conversation-dir"
@@ -604,7 +605,7 @@ async def test_bad_event_files_are_named(conv_copy: Path) -> None:
     await log.aclose()
 
 
-async def test_writes_are_atomic_and_a_failed_batch_keeps_what_landed(
+async def test_writes_are_atomic_and_a_failed_batch_stores_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = store_module._atomic_write
@@ -623,9 +624,12 @@ async def test_writes_are_atomic_and_a_failed_batch_keeps_what_landed(
     batch = [te.Event(i, ts, te.EventSource.AGENT, "t", {"i": i}) for i in range(5)]
     with pytest.raises(OSError, match="No space left"):
         await log.append(batch)
-    assert log.last_id == 1
+    # All or nothing: the two files this batch had written are removed again.
+    assert log.last_id == -1
+    assert os.listdir(tmp_path / "sessions" / "s" / "events") == []
+    assert list(await log.read(0, 10, limit=10)) == []
     monkeypatch.setattr(store_module, "_atomic_write", real)
-    await log.append(batch[2:])
+    await log.append(batch)
     assert list(await log.read(0, 10, limit=10)) == batch
     await log.aclose()
     # A temporary file left by a crash mid-write is never an event, and is cleaned up.
@@ -820,6 +824,7 @@ async def test_import_then_export_is_byte_identical(
     assert exported == N_EVENTS
     written = tree(out / "sessions" / SID)
     written.pop(EPOCH_FILE)
+    assert written.pop(LOCK_FILE) == b""
     assert written == tree(CONV)  # every event file and every cache page, byte for byte
     await dest_store.aclose()
 
@@ -836,7 +841,7 @@ async def test_import_masks_the_leaked_secret(conv_copy: Path, tmp_path: Path) -
     out = tmp_path / "out"
     await export_conversation(store, "masked", out, SID)
     files = tree(out)
-    assert len(files) == N_EVENTS + 9 + 1  # events, full pages, epoch
+    assert len(files) == N_EVENTS + 9 + 2  # events, full pages, epoch, lock
     assert all(SECRET.encode() not in data for data in files.values())
     unmasked = {k: v for k, v in tree(CONV).items() if SECRET.encode() not in v}
     written = tree(out / "sessions" / SID)
@@ -895,6 +900,7 @@ async def test_users_variant_import_and_export(conv_copy: Path, tmp_path: Path) 
     await export_conversation(store, "s", tmp_path / "out", "again", user_id="u2")
     written = tree(tmp_path / "out" / "users" / "u2" / "conversations" / "again")
     written.pop(EPOCH_FILE)
+    written.pop(LOCK_FILE)
     assert written == tree(CONV)
 
 
@@ -965,3 +971,133 @@ async def test_random_batches_write_exactly_the_full_pages(
             assert files[f"event_cache/{s}-{s + cache_size}.json"] == b"[" + events + b"]"
     finally:
         shutil.rmtree(root)
+
+
+# --- review findings: one writer, interrupted resets, masked JSON, cancelled copies ------------
+
+
+async def test_one_writer_per_conversation(tmp_path: Path) -> None:
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    first = OpenHandsStore(tmp_path)
+    log = await first.open_stream("c", te.default_registry)
+    assert (tmp_path / "sessions" / "c" / LOCK_FILE).exists()
+    with pytest.raises(RuntimeError, match=r"OpenHands conversation 'c' .* already open"):
+        await OpenHandsStore(tmp_path).open_stream("c", te.default_registry)
+    with pytest.raises(RuntimeError, match="already open"):
+        await OpenHandsStore(tmp_path).reset_stream("c")
+    # A reader takes no lock.
+    reader = await OpenHandsStore(tmp_path, read_only=True).open_stream("c", te.default_registry)
+    await log.append([te.Event(0, ts, te.EventSource.AGENT, "t", {"who": "A"})])
+    await log.aclose()
+    await reader.aclose()
+    second = await OpenHandsStore(tmp_path).open_stream("c", te.default_registry)
+    assert second.last_id == 0
+    await second.aclose()
+
+
+class Crash(Exception):
+    pass
+
+
+async def test_an_interrupted_reset_never_keeps_the_old_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    store = OpenHandsStore(tmp_path, cache_size=5)
+    log = await store.open_stream("c", te.default_registry)
+    await log.append([te.Event(i, ts, te.EventSource.AGENT, "t", {"i": i}) for i in range(12)])
+    epoch = log.epoch
+    await log.aclose()
+    real = shutil.rmtree
+
+    def crash_after_first_delete(path: Any, ignore_errors: bool = False) -> None:
+        real(path, ignore_errors=ignore_errors)
+        raise Crash("the process dies in the middle of the reset")
+
+    monkeypatch.setattr(store_module.shutil, "rmtree", crash_after_first_delete)
+    with pytest.raises(Crash):
+        await store.reset_stream("c")
+    monkeypatch.undo()
+    log = await OpenHandsStore(tmp_path, cache_size=5).open_stream("c", te.default_registry)
+    assert log.last_id == -1
+    assert log.epoch != epoch
+    assert list(await log.read(0, 20, limit=20)) == []
+    await log.aclose()
+    conv = tmp_path / "sessions" / "c"
+    assert sorted(p.name for p in conv.iterdir()) == sorted(
+        ["events", "event_cache", EPOCH_FILE, LOCK_FILE]
+    )
+    assert os.listdir(conv / "event_cache") == []
+
+    # Interrupted while moving the directories aside: the epoch is already gone.
+    log = await store.open_stream("c", te.default_registry)
+    await log.append([te.Event(i, ts, te.EventSource.AGENT, "t", {"i": i}) for i in range(3)])
+    epoch = log.epoch
+    await log.aclose()
+    real_rename = os.rename
+
+    def crash_on_events(src: Any, dst: Any) -> None:
+        if Path(src).name == "events":
+            raise Crash("the process dies before moving events/")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(store_module.os, "rename", crash_on_events)
+    with pytest.raises(Crash):
+        await store.reset_stream("c")
+    monkeypatch.undo()
+    log = await store.open_stream("c", te.default_registry)
+    assert log.epoch != epoch  # the old history may still be there, under a new epoch
+    await log.aclose()
+
+
+def test_masking_drops_the_cached_json_of_the_unmasked_event() -> None:
+    from trio_events.events import encode_event
+    from trio_events.openhands import _masked, _masker
+
+    ev = te.Event(0, datetime(2026, 1, 1, tzinfo=UTC), te.EventSource.USER, "t", {"m": SECRET})
+    assert SECRET.encode() in encode_event(ev, te.default_registry)  # caches its JSON
+    [masked] = _masked([ev], _masker({"gh": SECRET}), te.default_registry)
+    assert masked.payload == {"m": te.MASK}
+    data = encode_event(masked, te.default_registry)
+    assert SECRET.encode() not in data
+    assert te.MASK.encode() in data
+
+
+async def test_masked_events_read_from_a_log_store_are_stored_masked(tmp_path: Path) -> None:
+    # Events read back from a LogStore carry their stored JSON (`_json`): once masked, a
+    # LogStore must write the masked payload, not those stored bytes.
+    source = LogStore(tmp_path / "a")
+    async with te.open_event_stream("s", store=source) as stream:
+        await stream.publish({"content": f"token {SECRET}"}, source="user", type="t")
+    dest = LogStore(tmp_path / "b")
+    log = await dest.open_stream("s", te.default_registry)
+    [stored] = await (await source.open_stream("s", te.default_registry)).read(0, 0, limit=1)
+    await source.aclose()
+    from trio_events.openhands import _masked, _masker
+
+    await log.append(_masked([stored], _masker({"gh": SECRET}), te.default_registry))
+    await log.aclose()
+    assert all(SECRET.encode() not in p.read_bytes() for p in (tmp_path / "b").rglob("*.seg"))
+
+
+async def test_a_cancelled_export_releases_the_conversation(
+    conv_copy: Path, tmp_path: Path
+) -> None:
+    store = LogStore(tmp_path / "data")
+    await import_conversation(conv_copy, SID, store, "s")
+    out = tmp_path / "out"
+    with trio.CancelScope() as cs:
+
+        def progress(done: int, total: int) -> None:
+            if done >= 100:
+                cs.cancel()
+
+        await export_conversation(store, "s", out, SID, batch_size=50, progress=progress)
+    assert cs.cancelled_caught
+    assert store._open == {}
+    # Neither the conversation nor the LogStore stream is left locked.
+    log = await OpenHandsStore(out).open_stream(SID, te.default_registry)
+    assert log.last_id == 99
+    await log.aclose()
+    source = await LogStore(tmp_path / "data").open_stream("s", te.default_registry)
+    await source.aclose()

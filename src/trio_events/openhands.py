@@ -436,7 +436,8 @@ def _masked(
         if registry.type_of(plain) is not None:
             plain = registry.unstructure(plain)
         masked = masker.mask(plain)
-        out.append(ev if masked == plain else attrs.evolve(ev, payload=masked))
+        # `_json=None`: the event's cached JSON (if any) still holds the unmasked payload.
+        out.append(ev if masked == plain else attrs.evolve(ev, payload=masked, _json=None))
     return out
 
 
@@ -530,10 +531,12 @@ async def import_conversation(
                 batch_size=batch_size,
             )
         finally:
-            await dest.aclose()
+            with trio.CancelScope(shield=True):  # a cancelled import still closes the logs
+                await dest.aclose()
     finally:
-        await source.aclose()
-        await source_store.aclose()
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+            await source_store.aclose()
 
 
 async def export_conversation(
@@ -576,10 +579,12 @@ async def export_conversation(
                 source, dest, masker=masker, registry=reg, progress=progress, batch_size=batch_size
             )
         finally:
-            await dest.aclose()
-            await dest_store.aclose()
+            with trio.CancelScope(shield=True):  # a cancelled export still closes the logs
+                await dest.aclose()
+                await dest_store.aclose()
     finally:
-        await source.aclose()
+        with trio.CancelScope(shield=True):
+            await source.aclose()
 
 
 async def import_trajectory(
@@ -620,7 +625,8 @@ async def import_trajectory(
                 progress(start + len(batch), total)
         return total
     finally:
-        await dest.aclose()
+        with trio.CancelScope(shield=True):  # a cancelled import still closes the log
+            await dest.aclose()
 
 
 async def export_trajectory(
@@ -651,7 +657,8 @@ async def export_trajectory(
             if progress is not None:
                 progress(len(events), total)
     finally:
-        await source.aclose()
+        with trio.CancelScope(shield=True):  # a cancelled export still closes the log
+            await source.aclose()
 
     def write() -> None:
         text = json.dumps(trajectory_from_events(events, registry=reg), indent=2)

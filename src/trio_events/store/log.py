@@ -35,7 +35,7 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import attrs
 import orjson
@@ -309,6 +309,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Create `path` (never over an existing file: ``O_EXCL``), write `data`, sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def _aside_suffix() -> str:
+    """A suffix that makes the name of a file moved aside by salvage unique (a later salvage
+    never overwrites an earlier one's files)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
 # The LOCK files this process holds, by real path. POSIX record locks (lockf) belong to the
 # process: a fork()ed child does not inherit them (a flock would stay held by the child) and the
 # kernel releases them when the process dies. They do not conflict within one process, so this
@@ -324,7 +341,7 @@ def _lock_stream(path: Path, what: str) -> tuple[str, int]:
     with _LOCKED_GUARD:
         if key in _LOCKED:
             raise RuntimeError(
-                f"{what} is already open in this process (by another LogStore on the same "
+                f"{what} is already open in this process (by another store on the same "
                 f"directory); a stream has one writer"
             )
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -345,8 +362,10 @@ def _lock_stream(path: Path, what: str) -> tuple[str, int]:
 def _unlock_stream(lock: tuple[str, int]) -> None:
     key, fd = lock
     with _LOCKED_GUARD:
-        _LOCKED.pop(key, None)
-        os.close(fd)  # releases the lock
+        try:
+            os.close(fd)  # releases the lock
+        finally:
+            _LOCKED.pop(key, None)
 
 
 def _segment_name(first_id: int) -> str:
@@ -399,6 +418,7 @@ class LogStreamLog:
         self._last_id = last_id
         self._fd: int | None = None
         self._closed = False
+        self._close_done = trio.Event()
         self._broken: BaseException | None = None
         self._last_sync = time.monotonic()
         self._dirty = False
@@ -408,6 +428,10 @@ class LogStreamLog:
         self._unsynced = trio.Event()
         self._cache: list[Event] = []
         self._cache_first = self._last_id + 1
+        # True while an append is in flight: the stream's writer is the only caller.
+        self._appending = False
+        # Segments retention dropped from the log but could not remove yet (retried).
+        self._retention_pending: list[Path] = []
 
     # --- protocol --------------------------------------------------------------------------
 
@@ -428,8 +452,19 @@ class LogStreamLog:
         # not abandoned on cancel, so once started, the batch is written (or undone) whole.
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_writable()
+        if self._appending:
+            raise RuntimeError(
+                "append is already in progress on this log: the stream's writer is its only caller"
+            )
         if not events:
             return
+        self._appending = True
+        try:
+            await self._append(events)
+        finally:
+            self._appending = False
+
+    async def _append(self, events: Sequence[Event]) -> None:
         first = events[0].id
         if first != self._last_id + 1:
             raise ValueError(
@@ -473,6 +508,7 @@ class LogStreamLog:
             self._unsynced.set()
         self._add_to_cache(events)
         if store.retain_bytes is not None or store.retain_seconds is not None:
+            # Best effort: the batch is committed, so nothing here may fail the append.
             await self._apply_retention()
 
     def _check_writable(self) -> None:
@@ -501,6 +537,18 @@ class LogStreamLog:
                     self._last_sync = time.monotonic()
                 os.close(self._fd)
                 self._fd = None
+            elif self._segments:
+                # The active segment was written by an earlier process (this one has not
+                # written it since opening): it may hold data that was never synced ("none" or
+                # "interval" durability, or a crash). Sync it before it becomes sealed.
+                fd = os.open(self._segments[-1].path, os.O_RDONLY)
+                try:
+                    _datasync(fd)
+                except OSError as exc:
+                    self._broken = exc
+                    raise
+                finally:
+                    os.close(fd)
             path = self.directory / _segment_name(first_id)
             _atomic_write(path, segment_header(first_id))
             return _Segment(first_id, path, SEGMENT_HEADER_SIZE, time.time(), [])
@@ -601,15 +649,21 @@ class LogStreamLog:
             low, high = max(start_id, end_id - limit + 1, first), end_id
         cache_first = self._cache_first
         if low >= cache_first:
-            await trio.lowlevel.checkpoint()
+            # Slice before the checkpoint: an append during it may trim the cache.
             result = self._cache[low - cache_first : high - cache_first + 1]
+            await trio.lowlevel.checkpoint()
         else:
             plan = self._plan(low, high)
             try:
                 result = await trio.to_thread.run_sync(self._read_disk, plan, low, high)
-            except FileNotFoundError:
-                # Retention removed a segment while it was being read.
-                raise HistoryTruncated(low, self._first_id) from None
+            except FileNotFoundError as exc:
+                if low < self._first_id:
+                    # Retention removed a segment while it was being read.
+                    raise HistoryTruncated(low, self._first_id) from None
+                missing = exc.filename if exc.filename is not None else plan[0][0].path
+                raise CorruptLogError(
+                    missing, 0, "segment file is missing; restore it or open with salvage=True"
+                ) from None
         if reverse:
             result.reverse()
         return result
@@ -686,30 +740,81 @@ class LogStreamLog:
                 len(doomed),
                 self._first_id,
             )
-            # Shielded: the new first_id is already visible, so the files must go.
-            with trio.CancelScope(shield=True):
+        doomed = self._retention_pending + doomed
+        if not doomed:
+            return
+        # Shielded: the new first_id is already visible, so the files must go. Best effort:
+        # retention runs after a committed append (or an open), which must not fail because
+        # of it; what could not be removed is retried after the next append.
+        with trio.CancelScope(shield=True):
+            try:
                 await trio.to_thread.run_sync(_unlink_all, doomed, self.directory)
+            except OSError as exc:
+                if not self._retention_pending:  # warn once per failure, not per append
+                    logger.warning(
+                        "stream %r: retention could not remove %s (%s); its events are no "
+                        "longer served, and removal is retried after later appends",
+                        self.stream_id,
+                        exc.filename if exc.filename is not None else doomed[0],
+                        exc,
+                    )
+                self._retention_pending = doomed
+                return
+        if self._retention_pending:
+            logger.info("stream %r: retention removed the segments it had left", self.stream_id)
+        self._retention_pending = []
 
     async def aclose(self) -> None:
         if self._closed:
-            await trio.lowlevel.checkpoint()
+            # Closed, or being closed by another task: return once that close is done.
+            await self._close_done.wait()
             return
         self._closed = True
-        self._store._open.pop(self.stream_id, None)
-        await trio.to_thread.run_sync(self._close_files)
+        try:
+            if not self._close_clean_files():
+                # Shielded: a cancelled close must still sync, close the files and release
+                # the lock.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._close_files)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            # Only now may the stream be opened again (its LOCK is released).
+            if self._store._open.get(self.stream_id) is self:
+                del self._store._open[self.stream_id]
+            self._close_done.set()
+
+    def _close_clean_files(self) -> bool:
+        """Close the files here, in the Trio thread, if nothing needs syncing: closing a clean
+        descriptor and the LOCK does not block, so no thread hop is needed. Returns False
+        (doing nothing) when there is unsynced data or a thread holds the io lock."""
+        if not self._io_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._fd is not None and self._dirty:
+                return False
+            self._close_files_locked()
+            return True
+        finally:
+            self._io_lock.release()
 
     def _close_files(self) -> None:
         with self._io_lock:
-            try:
-                if self._fd is not None:
+            self._close_files_locked()
+
+    def _close_files_locked(self) -> None:
+        try:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                try:
                     if self._dirty and self._store.durability != "none" and self._broken is None:
-                        _datasync(self._fd)
-                    os.close(self._fd)
-                    self._fd = None
-            finally:
-                if self._lock is not None:
-                    _unlock_stream(self._lock)
-                    self._lock = None
+                        _datasync(fd)
+                finally:
+                    os.close(fd)
+        finally:
+            if self._lock is not None:
+                _unlock_stream(self._lock)
+                self._lock = None
 
 
 def _unlink_all(paths: list[Path], directory: Path) -> None:
@@ -831,7 +936,12 @@ class LogStore:
 
     async def open_stream(self, stream_id: str, registry: PayloadRegistry) -> LogStreamLog:
         check_stream_id(stream_id)
-        if stream_id in self._open:
+        while stream_id in self._open:
+            closing = self._open[stream_id]
+            if closing is not None and closing._closed:
+                # Being closed (e.g. an idle close in an EventHub): open it once that is done.
+                await closing._close_done.wait()
+                continue
             raise RuntimeError(
                 f"stream {stream_id!r} is already open on this store; share the open "
                 f"EventStream (an EventHub does this) instead of opening it twice"
@@ -894,6 +1004,9 @@ class LogStore:
                 ) from None
             meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "epoch": uuid.uuid4().hex}
             _atomic_write(meta_path, orjson.dumps(meta))
+            # A new stream: make its directory's own entry durable too (streams/ may be new).
+            _fsync_dir(directory.parent)
+            _fsync_dir(self.path)
         except orjson.JSONDecodeError as exc:
             raise CorruptLogError(meta_path, 0, f"not valid JSON: {exc}") from None
         if (
@@ -923,6 +1036,7 @@ class LogStore:
                 except CorruptLogError as exc:
                     if not self.salvage:
                         raise
+                    meta = self._renew_epoch(stream_id, meta_path, meta)
                     recovery = self._salvage_sealed(stream_id, segments, k, exc)
                     break
         if not segments:
@@ -941,18 +1055,35 @@ class LogStore:
                     f"offset {scan.resumes_at}); events up to {scan.last_id} are intact. Open "
                     f"the store with salvage=True to keep them and move the rest aside",
                 )
+            if not scan.torn_tail:
+                meta = self._renew_epoch(stream_id, meta_path, meta)
             recovery = self._cut(stream_id, last.path, scan, moved=not scan.torn_tail)
         last.size = scan.valid_end
         last.index = scan.index
         return meta["epoch"], segments, scan.last_id, recovery
 
+    def _renew_epoch(self, stream_id: str, meta_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """Give the stream a new epoch (atomically), before salvage moves history aside.
+
+        Ids after the salvaged prefix will be reused for new events: clients holding ids of the
+        old history must see that it is another incarnation. Written first, so that a crash
+        in the middle of the salvage leaves a new epoch (harmless), never an old one."""
+        old = meta.get("epoch")
+        meta = {**meta, "epoch": uuid.uuid4().hex}
+        _atomic_write(meta_path, orjson.dumps(meta))
+        logger.error(
+            "stream %r: salvage loses history, so the stream gets a new epoch %s (was %s)",
+            stream_id, meta["epoch"], old,
+        )  # fmt: skip
+        return meta
+
     def _cut(self, stream_id: str, path: Path, scan: ScanResult, *, moved: bool) -> RecoveryReport:
         moved_to: str | None = None
         if moved:
-            target = path.with_name(f"{path.name}.corrupt-{scan.valid_end}")
+            target = path.with_name(f"{path.name}.corrupt-{scan.valid_end}-{_aside_suffix()}")
             with open(path, "rb") as f:
                 f.seek(scan.valid_end)
-                _atomic_write(target, f.read())
+                _write_new(target, f.read())
             moved_to = os.fspath(target)
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -984,9 +1115,12 @@ class LogStore:
         data = seg.path.read_bytes()
         _check_header(seg.path, data, seg.first_id)
         scan = scan_records(data, SEGMENT_HEADER_SIZE, seg.first_id)
+        suffix = _aside_suffix()
         for later in segments[k + 1 :]:
-            target = later.path.with_name(later.path.name + ".corrupt")
-            os.replace(later.path, target)
+            target = later.path.with_name(f"{later.path.name}.corrupt-{suffix}")
+            if target.exists():  # pragma: no cover - the suffix is unique
+                raise FileExistsError(errno.EEXIST, "salvage target exists", os.fspath(target))
+            os.rename(later.path, target)
             logger.error("stream %r: salvage moved %s aside to %s", stream_id, later.path, target)
         del segments[k + 1 :]
         _fsync_dir(seg.path.parent)
@@ -1021,8 +1155,16 @@ class LogStore:
             shutil.rmtree(leftover.path, ignore_errors=True)
 
     async def aclose(self) -> None:
-        """Close every stream log still open on this store."""
-        for log in list(self._open.values()):
-            if log is not None:
-                await log.aclose()
+        """Close every stream log still open on this store (all of them, even if cancelled or
+        if one fails; the first error is raised after)."""
+        error: BaseException | None = None
+        with trio.CancelScope(shield=True):
+            for log in list(self._open.values()):
+                if log is not None:
+                    try:
+                        await log.aclose()
+                    except Exception as exc:
+                        error = error or exc
+        if error is not None:
+            raise error
         await trio.lowlevel.checkpoint()

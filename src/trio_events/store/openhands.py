@@ -8,6 +8,7 @@ Layout, exactly as OpenHands' ``EventStream`` with a ``LocalFileStore`` writes i
                                                    start .. end-1 (``end`` is exclusive,
                                                    ``end = start + cache_size``)
         .trio_events_epoch                         this store's epoch (OpenHands ignores it)
+        .trio_events_lock                          the single-writer lock (lockf), as LogStore's
 
 A page is written when it fills (ids ``k*cache_size`` to ``(k+1)*cache_size - 1``); the last,
 partial page never is, as in OpenHands. Reads use a page when it is there (and whole) and fall
@@ -16,8 +17,9 @@ that have no OpenHands shape are stored too, under the ``_trio_events`` key), so
 live here and OpenHands data can be served as it is.
 
 Files are written atomically (a temporary file renamed over the target), so a crash never leaves
-a half-written JSON file; with ``fsync=True`` each batch is also made durable. All file I/O runs
-in worker threads via `trio.to_thread.run_sync`, one call per batch.
+a half-written JSON file; with ``fsync=True`` each batch is also made durable. A batch is all or
+nothing: a failed one removes the event files it wrote before the error is raised. All file I/O
+runs in worker threads via `trio.to_thread.run_sync`, one call per batch.
 
 Ids must be dense from 0: a directory with holes in ``events/`` is refused on open. The epoch is
 a random id kept in ``.trio_events_epoch`` (created on first open, removed by `reset_stream`).
@@ -47,12 +49,15 @@ from ..errors import EventEncodeError, HistoryTruncated
 from ..events import Event, PayloadRegistry
 from ..openhands import OpenHandsFormatError, event_from_openhands, event_to_openhands
 from .base import check_stream_id
+from .log import _lock_stream, _unlock_stream
 
 __all__ = ["OpenHandsStore", "OpenHandsStreamLog"]
 
 logger = logging.getLogger(__name__)
 
 EPOCH_FILE = ".trio_events_epoch"
+LOCK_FILE = ".trio_events_lock"
+_RESET_TRASH = ".trio_events_reset-"
 _EVENT_FILE = re.compile(r"(0|[1-9][0-9]*)\.json")
 _TMP_SUFFIX = ".tmp"
 
@@ -94,6 +99,7 @@ class OpenHandsStreamLog:
         last_id: int,
         tail: list[str],
         pages: set[int],
+        lock: tuple[str, int] | None = None,
     ) -> None:
         self._store = store
         self._sid = sid
@@ -108,6 +114,8 @@ class OpenHandsStreamLog:
         # Starts of the pages known to be on disk.
         self._pages = pages
         self._closed = False
+        # The single-writer lock of a writable store (None when read-only).
+        self._lock = lock
 
     @property
     def path(self) -> Path:
@@ -142,20 +150,15 @@ class OpenHandsStreamLog:
                     f"append must continue the log densely: expected id "
                     f"{self._last_id + 1 + offset}, got {ev.id}"
                 )
-        texts, written, error = await trio.to_thread.run_sync(
-            self._write_batch, list(events), list(self._tail)
-        )
-        # Keep the log consistent with the event files that did land, even after an error.
-        self._advance(texts[:written])
-        if error is not None:
-            raise error
+        # All or nothing: on an error, the files this batch wrote are removed again.
+        texts = await trio.to_thread.run_sync(self._write_batch, list(events), list(self._tail))
+        self._advance(texts)
 
-    def _write_batch(
-        self, events: list[Event], tail: list[str]
-    ) -> tuple[list[str], int, BaseException | None]:
+    def _write_batch(self, events: list[Event], tail: list[str]) -> list[str]:
         """Encode and write `events` (after the partial page `tail`) and the pages they fill.
 
-        Returns the texts, how many event files were written, and the error that stopped it.
+        Returns the texts. If an event file cannot be written, the ones this batch wrote are
+        removed and the error is raised: a failed batch stores nothing.
         """
         texts = []
         for ev in events:
@@ -166,18 +169,19 @@ class OpenHandsStreamLog:
                 error = EventEncodeError(
                     f"event {ev.id} of {self._sid!r} cannot be written as OpenHands JSON: {exc}"
                 )
-                error.__cause__ = exc
-                return [], 0, error
+                raise error from exc
         fsync = self._store.fsync
-        written = 0
+        written: list[Path] = []
         try:
             for ev, text in zip(events, texts, strict=True):
-                _atomic_write(self._events_dir / f"{ev.id}.json", text, fsync)
-                written += 1
+                path = self._events_dir / f"{ev.id}.json"
+                _atomic_write(path, text, fsync)
+                written.append(path)
             if fsync:
                 _fsync_dir(self._events_dir)
-        except OSError as exc:
-            return texts, written, exc
+        except BaseException:
+            self._undo(written)
+            raise
         cs = self._store.cache_size
         combined = tail + texts
         first = events[0].id - len(tail)  # a page start: the tail is the current partial page
@@ -192,7 +196,23 @@ class OpenHandsStreamLog:
         if fsync and len(combined) >= cs:
             with contextlib.suppress(OSError):
                 _fsync_dir(self._cache_dir)
-        return texts, written, None
+        return texts
+
+    def _undo(self, written: list[Path]) -> None:
+        """Remove the event files of a failed batch (newest first, so ids stay dense)."""
+        try:
+            for path in reversed(written):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if self._store.fsync and written:
+                _fsync_dir(self._events_dir)
+        except OSError as exc:
+            logger.error(
+                "could not remove the event files of a failed batch in %s (%r); they will be "
+                "overwritten by the next append",
+                self._events_dir,
+                exc,
+            )
 
     def _advance(self, texts: list[str]) -> None:
         cs = self._store.cache_size
@@ -287,7 +307,12 @@ class OpenHandsStreamLog:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._store._open.discard(self._sid)
+            try:
+                if self._lock is not None:
+                    lock, self._lock = self._lock, None
+                    _unlock_stream(lock)  # a close(2): no thread hop, so never cancelled
+            finally:
+                self._store._open.discard(self._sid)
         await trio.lowlevel.checkpoint()
 
 
@@ -356,13 +381,30 @@ class OpenHandsStore:
             )
         self._open.add(stream_id)
         try:
-            scan = await trio.to_thread.run_sync(self._scan, path)
+            lock, scan = await trio.to_thread.run_sync(self._lock_and_scan, stream_id, path)
         except BaseException:
             self._open.discard(stream_id)
             raise
         return OpenHandsStreamLog(
-            self, stream_id, path, registry, scan.epoch, scan.last_id, scan.tail, scan.pages
+            self, stream_id, path, registry, scan.epoch, scan.last_id, scan.tail, scan.pages, lock
         )
+
+    def _lock(self, sid: str, path: Path, what: str = "") -> tuple[str, int]:
+        """Take the conversation's single-writer lock (in a worker thread)."""
+        path.mkdir(parents=True, exist_ok=True)
+        return _lock_stream(
+            path / LOCK_FILE, f"OpenHands conversation {sid!r} in {os.fspath(self.root)!r}{what}"
+        )
+
+    def _lock_and_scan(self, sid: str, path: Path) -> tuple[tuple[str, int] | None, _Scan]:
+        if self.read_only:  # a reader takes no lock
+            return None, self._scan(path)
+        lock = self._lock(sid, path)
+        try:
+            return lock, self._scan(path)
+        except BaseException:
+            _unlock_stream(lock)
+            raise
 
     def _scan(self, path: Path) -> _Scan:
         events_dir = path / "events"
@@ -370,6 +412,10 @@ class OpenHandsStore:
         if not self.read_only:
             events_dir.mkdir(parents=True, exist_ok=True)
             cache_dir.mkdir(parents=True, exist_ok=True)
+            # What a reset interrupted by a crash left to delete.
+            for entry in os.scandir(path):
+                if entry.name.startswith(_RESET_TRASH) and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
         ids: list[int] = []
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(events_dir):
@@ -438,13 +484,28 @@ class OpenHandsStore:
         if self.read_only:
             raise PermissionError(f"this OpenHandsStore is read-only; cannot reset {stream_id}")
 
-        def remove() -> None:
-            for name in ("events", "event_cache"):
-                shutil.rmtree(path / name, ignore_errors=True)
+        if not await trio.Path(path).is_dir():
+            return
+        await trio.to_thread.run_sync(self._reset_sync, stream_id, path)
+
+    def _reset_sync(self, sid: str, path: Path) -> None:
+        """Delete the history so that an interruption at any point never leaves the old epoch
+        with other history: the epoch file goes first, then the directories are renamed out of
+        the way (the cache pages before the events), and only then deleted."""
+        lock = self._lock(sid, path, " (to reset)")
+        try:
             with contextlib.suppress(FileNotFoundError):
                 (path / EPOCH_FILE).unlink()
-
-        await trio.to_thread.run_sync(remove)
+            _fsync_dir(path)
+            trash = path / f"{_RESET_TRASH}{uuid.uuid4().hex}"
+            trash.mkdir()
+            for name in ("event_cache", "events"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path / name, trash / name)
+            _fsync_dir(path)
+        finally:
+            _unlock_stream(lock)
+        shutil.rmtree(trash, ignore_errors=True)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
