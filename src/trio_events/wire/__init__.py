@@ -1,6 +1,5 @@
-"""The WebSocket side of trio-events.
+"""WebSocket protocol v1: the sans-IO core (`protocol`) and the server around it (`server`)."""
 
-`trio_events.wire.protocol` is the sans-IO core of protocol v1: message types, encoding and
-decoding, request and frame validation, and the per-connection replay state machine. It does no
-I/O; the server and the client (being built) drive it.
-"""
+from .server import ServerConfig, serve_streams
+
+__all__ = ["ServerConfig", "serve_streams"]
