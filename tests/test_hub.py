@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import trio
 import trio.testing
 
 import trio_events as te
-from helpers import count_tasks
+from helpers import GatedLog, count_tasks
 from trio_events import TooManyStreams
 from trio_events.events import PayloadRegistry, default_registry
 from trio_events.hub import EventHub, HubStreamStats, open_event_hub
@@ -432,37 +431,11 @@ async def test_a_hub_without_a_store_makes_and_closes_its_own() -> None:
         assert isinstance(hub.store, te.MemoryStore)
 
 
-class FailingCloseLog:
-    """Wraps a `MemoryStreamLog` whose `aclose` closes it and then raises."""
-
-    def __init__(self, inner: MemoryStreamLog) -> None:
-        self.inner = inner
-
-    @property
-    def epoch(self) -> str:
-        return self.inner.epoch
-
-    @property
-    def first_id(self) -> int:
-        return self.inner.first_id
-
-    @property
-    def last_id(self) -> int:
-        return self.inner.last_id
-
-    async def append(self, events: Sequence[te.Event]) -> None:
-        await self.inner.append(events)
-
-    async def read(
-        self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
-    ) -> Sequence[te.Event]:
-        return await self.inner.read(start_id, end_id, reverse=reverse, limit=limit)
-
-    async def maintain(self) -> None:
-        await self.inner.maintain()
+class FailingCloseLog(GatedLog):
+    """A log whose `aclose` closes it and then raises."""
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        await super().aclose()
         raise OSError("close failed")
 
 

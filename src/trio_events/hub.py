@@ -42,7 +42,14 @@ from .errors import StreamClosed, TooManyStreams
 from .events import PayloadRegistry
 from .store.base import EventStore, check_stream_id
 from .store.memory import MemoryStore
-from .stream import DEFAULT_MAX_EVENT_BYTES, EventStream, open_event_stream
+from .stream import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_PUBLISH_BUFFER,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    EventStream,
+    open_event_stream,
+)
 
 __all__ = ["EventHub", "HubStats", "HubStreamStats", "open_event_hub"]
 
@@ -361,9 +368,9 @@ async def open_event_hub(
     max_streams: int = 10_000,
     registry: PayloadRegistry | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    publish_buffer: int = 1024,
-    max_batch: int = 1024,
-    shutdown_timeout: float = 5.0,
+    publish_buffer: int = DEFAULT_PUBLISH_BUFFER,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> AsyncIterator[EventHub]:
     """Open a hub of streams for the duration of an ``async with`` block.
 

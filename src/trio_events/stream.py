@@ -73,6 +73,9 @@ __all__ = ["EventStream", "StreamStats", "open_event_stream"]
 logger = logging.getLogger("trio_events.stream")
 
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+DEFAULT_PUBLISH_BUFFER = 1024
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 _WARN_EVENT_BYTES = 1024 * 1024
 # The most an envelope adds around a payload: the field names, a 20-digit id and cause, a
 # timestamp, the longest source; plus the type name's own JSON (added per event).
@@ -819,9 +822,9 @@ async def open_event_stream(
     store: EventStore | None = None,
     registry: PayloadRegistry | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    publish_buffer: int = 1024,
-    max_batch: int = 1024,
-    shutdown_timeout: float = 5.0,
+    publish_buffer: int = DEFAULT_PUBLISH_BUFFER,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> AsyncIterator[EventStream]:
     """Open a stream for the duration of an ``async with`` block.
 
