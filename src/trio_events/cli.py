@@ -4,6 +4,8 @@
   `LogStore` in ``--data-dir``): publishing, live subscribers, a stalled subscriber that loses
   nothing, a late subscriber replaying history, secret masking, search. Run it twice: the second
   run finds the first run's events on disk.
+- ``trio-events serve`` serves streams over WebSocket protocol v1 (docs/protocol.md) from a
+  `LogStore` in ``--data-dir``, until SIGINT or SIGTERM.
 - ``trio-events import-openhands ROOT SID --data-dir DIR`` copies an OpenHands conversation into
   a stream; ``trio-events export-openhands STREAM ROOT --data-dir DIR`` writes one back out.
 """
@@ -11,10 +13,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -25,12 +30,14 @@ from . import __version__
 from .errors import TrioEventsError
 from .events import Event, EventSource, PayloadRegistry
 from .filters import EventFilter
+from .hub import open_event_hub
 from .openhands import export_conversation, import_conversation
 from .store.base import EventStore
 from .store.log import LogStore
 from .store.memory import MemoryStore
 from .stream import open_event_stream
 from .subscribers import Overflow
+from .wire.server import serve_streams
 
 __all__ = ["main"]
 
@@ -161,6 +168,38 @@ def _progress(description: str) -> Iterator[Callable[[int, int], object]]:
         yield update
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    store: EventStore = MemoryStore() if args.memory else LogStore(args.data_dir)
+    try:
+        async with open_event_hub(store=store, idle_timeout=args.idle_timeout) as hub:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    port = await nursery.start(
+                        partial(serve_streams, hub, host=args.host, port=args.port)
+                    )
+                    where = "memory" if args.memory else args.data_dir
+                    print(
+                        f"serving streams on ws://{args.host}:{port}/v1/streams/ID "
+                        f"(store: {where}); Ctrl+C to stop",
+                        flush=True,
+                    )
+                    async for signum in signals:
+                        print(f"{signal.Signals(signum).name}: shutting down", flush=True)
+                        nursery.cancel_scope.cancel()
+                        break
+    finally:
+        await store.aclose()
+
+
 async def _import(args: argparse.Namespace) -> None:
     store = LogStore(args.data_dir)
     stream_id = args.stream or args.sid
@@ -220,6 +259,27 @@ def _parser() -> argparse.ArgumentParser:
         "--events", type=int, default=1000, help="events for the slow subscriber (default 1000)"
     )
 
+    serve = commands.add_parser("serve", help="serve streams over WebSocket protocol v1")
+    serve.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"where the LogStore keeps its files (default {DEFAULT_DATA_DIR})",
+    )
+    serve.add_argument("--memory", action="store_true", help="keep streams in memory only")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any)")
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="close a stream this many seconds after its last client left (30)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address although clients are not authenticated",
+    )
+
     secret_help = "mask the value of this environment variable (repeatable)"
     imp = commands.add_parser(
         "import-openhands", help="copy an OpenHands conversation into a stream"
@@ -257,6 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 store = LogStore(args.data_dir)
                 trio.run(_run_and_close, store, args.data_dir, args.events)
+        elif args.command == "serve":
+            if not _is_loopback(args.host) and not args.insecure:
+                parser.error(
+                    f"refusing to listen on {args.host}: clients are not authenticated yet, so "
+                    f"anyone who can reach it could read and publish; listen on 127.0.0.1, or "
+                    f"pass --insecure if that is really what you want"
+                )
+            trio.run(_serve, args)
         elif args.command == "import-openhands":
             trio.run(_import, args)
         else:
