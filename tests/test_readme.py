@@ -43,7 +43,8 @@ def test_main_job_command_is_a_cli_command(tmp_path: Path, monkeypatch: pytest.M
 
 def test_readme_python_example_runs() -> None:
     readme = (ROOT / "README.md").read_text()
-    (example,) = re.findall(r"```python\n(.+?)\n```", readme, re.DOTALL)
+    section = readme.split("## In code", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.+?)\n```", section, re.DOTALL)
     # In a process of its own: it registers a payload type in the process-wide registry.
     result = subprocess.run(
         [sys.executable, "-c", example], capture_output=True, text=True, timeout=60, check=True

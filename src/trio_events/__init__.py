@@ -56,11 +56,13 @@ from .subscribers import (
     Subscription,
     Supervision,
 )
+from .wire import Backoff, ServerConfig, connect, serve_streams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MASK",
+    "Backoff",
     "CorruptLogError",
     "Event",
     "EventDecodeError",
@@ -83,6 +85,7 @@ __all__ = [
     "Overflow",
     "PayloadRegistry",
     "RecoveryReport",
+    "ServerConfig",
     "StoreError",
     "StreamClosed",
     "StreamLog",
@@ -95,6 +98,7 @@ __all__ = [
     "TooManyStreams",
     "TrioEventsError",
     "check_stream_id",
+    "connect",
     "decode_event",
     "default_registry",
     "encode_event",
@@ -103,4 +107,5 @@ __all__ = [
     "event_type",
     "open_event_hub",
     "open_event_stream",
+    "serve_streams",
 ]
