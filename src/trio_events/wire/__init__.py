@@ -1,5 +1,15 @@
-"""WebSocket protocol v1: the sans-IO core (`protocol`), the server and the Python client."""
+"""WebSocket protocol v1: the sans-IO cores (`protocol`, `auth`), the server and the client."""
 
+from .auth import (
+    ALLOW_ALL,
+    AnyOf,
+    AuthConfigError,
+    Authenticator,
+    Grant,
+    JwtAuthenticator,
+    Permission,
+    StaticTokens,
+)
 from .client import (
     Backoff,
     BadRequest,
@@ -22,6 +32,10 @@ from .client import (
 from .server import ServerConfig, serve_streams
 
 __all__ = [
+    "ALLOW_ALL",
+    "AnyOf",
+    "AuthConfigError",
+    "Authenticator",
     "Backoff",
     "BadRequest",
     "ClientError",
@@ -29,14 +43,18 @@ __all__ = [
     "EpochChanged",
     "EventsLost",
     "Forbidden",
+    "Grant",
+    "JwtAuthenticator",
     "NotConnected",
     "NotFound",
+    "Permission",
     "PublishOutcomeUnknown",
     "RateLimited",
     "ReconnectFailed",
     "ServerConfig",
     "ServerError",
     "ServerInternalError",
+    "StaticTokens",
     "TooLarge",
     "Unauthorized",
     "connect",
