@@ -12,6 +12,10 @@ Scenarios (each on a fresh directory, events of about 200 bytes of JSON):
 * **cold replay** -- a new `LogStore` (empty tail cache, nothing indexed) on the directory of
   ``--replay`` events, reading them all with ``search_events``. The OS page cache is warm: this
   measures the store's framing, checksum and decode cost, not the disk.
+* **cold replay, wire-ready bytes** -- the same, to what a server sends: each event's JSON, by
+  ``read_raw`` in pages of 4096. LogStore slices the stored JSON out of its records (checksums
+  checked, nothing decoded); the OpenHands format has to read, decode and encode every event.
+  ``--drop-caches`` (root only) drops the OS page cache before each cold replay.
 
 Every acknowledged id is checked to be dense, and the replay to return every event in order.
 
@@ -103,14 +107,29 @@ async def publish_run(
     return elapsed, latencies
 
 
-async def replay_run(path: Path, events: int, kind: str = "log") -> float:
+async def write_replay_data(path: Path, events: int, kind: str) -> None:
     store = make_store(kind, path, "none")
     async with te.open_event_stream("bench", store=store) as stream:
         await stream.publish_many([PAYLOAD] * 1024, source="agent", type="b")
         while stream.get_latest_event_id() < events - 1:
             n = min(1024, events - 1 - stream.get_latest_event_id())
             await stream.publish_many([PAYLOAD] * n, source="agent", type="b")
-    cold = LogStore(path, cache_events=0) if kind == "log" else make_store(kind, path, "none")
+
+
+def cold_store(path: Path, kind: str, drop_caches: bool) -> te.EventStore:
+    """A new store object on `path` (empty tail cache, nothing indexed); with `drop_caches`,
+    the OS page cache is dropped first (root only), so the replay reads the disk."""
+    if drop_caches:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return LogStore(path, cache_events=0) if kind == "log" else make_store(kind, path, "none")
+
+
+async def replay_run(
+    path: Path, events: int, kind: str = "log", drop_caches: bool = False
+) -> float:
+    await write_replay_data(path, events, kind)
+    cold = cold_store(path, kind, drop_caches)
     start = time.perf_counter()
     async with te.open_event_stream("bench", store=cold) as stream:
         expected = 0
@@ -124,6 +143,33 @@ async def replay_run(path: Path, events: int, kind: str = "log") -> float:
     return elapsed
 
 
+RAW_PAGE = 4096
+
+
+async def raw_replay_run(
+    path: Path, events: int, kind: str = "log", drop_caches: bool = False
+) -> tuple[float, float]:
+    """Cold replay to wire-ready bytes: ``read_raw`` pages of `RAW_PAGE` events. On LogStore
+    that is the stored JSON; the OpenHands format must read, decode and encode each event (what
+    a server replaying it has to do). Returns the seconds in all, and those opening the stream
+    took (LogStore: the recovery scan of the active segment)."""
+    await write_replay_data(path, events, kind)
+    cold = cold_store(path, kind, drop_caches)
+    start = time.perf_counter()
+    async with te.open_event_stream("bench", store=cold) as stream:
+        opened = time.perf_counter() - start
+        expected = 0
+        while expected < events:
+            raw = await stream.read_raw(expected, limit=RAW_PAGE)
+            if raw.first_id != expected or not raw.bodies:
+                raise AssertionError(f"read_raw returned {raw.first_id}, expected {expected}")
+            expected += len(raw.bodies)
+    elapsed = time.perf_counter() - start
+    if not raw.bodies[-1].startswith(b'{"id":%d,' % (events - 1)):
+        raise AssertionError("read_raw did not end with the last event's JSON")
+    return elapsed, opened
+
+
 def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
     base = Path(tempfile.mkdtemp(prefix="trio-events-bench-", dir=args.dir))
@@ -134,6 +180,9 @@ def run(args: argparse.Namespace) -> list[Result]:
     def measure(
         name: str, events: int, fn: Callable[[Path], Any], note: Callable[[Any], str]
     ) -> None:
+        if args.only is not None and args.only not in name:
+            return
+
         def median_seconds(kind: str) -> tuple[float, Any]:
             runs = [trio.run(partial(fn, kind=kind), fresh()) for _ in range(args.repeat)]
             seconds = statistics.median(r[0] if isinstance(r, tuple) else r for r in runs)
@@ -154,6 +203,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
         return f"publish p50 {p50:.2f} ms, p99 {p99:.2f} ms"
 
+    cache = "; page cache dropped" if args.drop_caches else "; page cache warm"
     try:
         n1, n16 = args.fsync_events, args.fsync_events * 8
         measure(
@@ -185,7 +235,14 @@ def run(args: argparse.Namespace) -> list[Result]:
         )  # fmt: skip
         measure(
             f"cold replay of {args.replay:,} events", args.replay,
-            partial(replay_run, events=args.replay), lambda _: "search_events, new LogStore",
+            partial(replay_run, events=args.replay, drop_caches=args.drop_caches),
+            lambda _: f"search_events (decoded), new LogStore{cache}",
+        )  # fmt: skip
+        measure(
+            f"cold replay, wire-ready bytes, {args.replay:,} events", args.replay,
+            partial(raw_replay_run, events=args.replay, drop_caches=args.drop_caches),
+            lambda out: f"read_raw({RAW_PAGE}/call), of which opening the LogStore stream "
+            f"{out[1] * 1e3:.0f} ms; OpenHands: read + encode{cache}",
         )  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -243,6 +300,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replay", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=1, help="runs per cell (median)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="drop the OS page cache before each cold replay (needs root)",
+    )
+    parser.add_argument(
+        "--only", default=None, help="run only the scenarios whose name contains this"
+    )
     parser.add_argument(
         "--skip-openhands", action="store_true", help="leave out the OpenHands-format column"
     )

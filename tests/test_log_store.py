@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -495,7 +496,9 @@ async def test_a_cancelled_append_stores_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("durability", "syncs_per_batch", "syncs_on_close"),
-    [("fsync", 1, 0), ("interval", 0, 1), ("none", 0, 0)],
+    # A clean close syncs what is left in every mode ("none" too), before it clears the
+    # stream's open mark.
+    [("fsync", 1, 0), ("interval", 0, 1), ("none", 0, 1)],
 )
 async def test_group_commit_syncs_once_per_batch_as_the_durability_says(
     tmp_path: Path,
@@ -814,8 +817,8 @@ async def test_sealing_a_segment_syncs_it_even_without_durability(
     monkeypatch.setattr(log_module, "_datasync", syncs.append)
     for i in range(0, 200, 10):
         await log.append(make_events(i, 10, pad=40))
-    await log.aclose()
-    assert len(syncs) == len(segments_of(tmp_path)) - 1 > 1
+    await log.aclose()  # syncs the active segment too
+    assert len(syncs) == len(segments_of(tmp_path)) > 2
 
 
 async def test_a_failed_append_fails_its_publishers_and_consumes_no_ids(
@@ -1278,3 +1281,228 @@ async def test_closing_a_clean_log_needs_no_thread_hop(
     assert store._open == {}
     assert log._fd is None
     assert log._lock is None
+
+
+# --- unclean shutdown with "interval" / "none" durability renews the epoch ------------------
+
+
+def meta_of(root: Path, stream: str = "s") -> dict[str, object]:
+    meta: dict[str, object] = json.loads((root / "streams" / stream / "meta.json").read_bytes())
+    return meta
+
+
+def abandon(log: LogStreamLog) -> None:
+    """What a killed writer leaves: its descriptors closed by the kernel (nothing synced, the
+    LOCK released), and nothing else done."""
+    if log._fd is not None:
+        os.close(log._fd)
+        log._fd = None
+    assert log._lock is not None
+    log_module._unlock_stream(log._lock)
+    log._lock = None
+    log._closed = True
+    del log._store._open[log.stream_id]
+
+
+@pytest.mark.parametrize("durability", ["interval", "none"])
+async def test_an_unclean_stop_without_fsync_renews_the_epoch(
+    tmp_path: Path, durability: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = await open_log(tmp_path, durability=durability, sync_interval_ms=3_600_000)
+    # Marked open, durably, before the first append.
+    assert meta_of(tmp_path)["open"] == durability
+    epoch = log.epoch
+    await log.append(make_events(0, 5))
+    abandon(log)
+    with caplog.at_level(logging.WARNING, logger="trio_events.store.log"):
+        log = await open_log(tmp_path, durability=durability)
+    # Nothing was cut (a process crash keeps the OS's page cache), but an OS crash could
+    # have lost acknowledged events without a trace: the history cannot be vouched for.
+    assert log.recovery is None
+    assert log.last_id == 4
+    assert log.epoch != epoch
+    assert meta_of(tmp_path) == {
+        "format": "trio-events-log", "version": 1, "epoch": log.epoch, "open": durability
+    }  # fmt: skip
+    assert f"was not closed cleanly by its last writer (durability '{durability}')" in caplog.text
+    await log.aclose()
+    assert "open" not in meta_of(tmp_path)
+    log = await open_log(tmp_path, durability=durability)
+    assert log.epoch == meta_of(tmp_path)["epoch"]
+    await log.aclose()
+
+
+@pytest.mark.parametrize("durability", ["fsync", "interval", "none"])
+async def test_a_clean_close_keeps_the_epoch(tmp_path: Path, durability: str) -> None:
+    log = await open_log(tmp_path, durability=durability, sync_interval_ms=3_600_000)
+    epoch = log.epoch
+    await log.append(make_events(0, 5))
+    await log.aclose()
+    assert meta_of(tmp_path) == {"format": "trio-events-log", "version": 1, "epoch": epoch}
+    log = await open_log(tmp_path, durability=durability)
+    assert (log.epoch, log.last_id) == (epoch, 4)
+    await log.aclose()
+
+
+async def test_an_unclean_stop_with_fsync_keeps_the_epoch_even_when_a_tail_is_cut(
+    tmp_path: Path,
+) -> None:
+    log = await open_log(tmp_path)  # "fsync": nothing acknowledged can be lost
+    assert "open" not in meta_of(tmp_path)
+    epoch = log.epoch
+    await log.append(make_events(0, 5))
+    abandon(log)
+    [segment] = segments_of(tmp_path)
+    # The batch being written when it died: never acknowledged.
+    segment.write_bytes(segment.read_bytes() + encode_record(5, b'{"id": 5}', FLAG_BATCH_START))
+    log = await open_log(tmp_path)
+    assert log.recovery is not None
+    assert (log.epoch, log.last_id) == (epoch, 4)
+    await log.aclose()
+
+
+async def test_after_an_unclean_stop_with_none_a_lost_whole_batch_is_another_epoch(
+    tmp_path: Path,
+) -> None:
+    # With "none", an OS crash can drop whole acknowledged batches and leave a clean-looking
+    # tail: nothing to cut, yet ids 3.. would be given again. The open mark catches it.
+    log = await open_log(tmp_path, durability="none")
+    epoch = log.epoch
+    await log.append(make_events(0, 3))
+    end_of_first = log._segments[-1].size
+    await log.append(make_events(3, 3))
+    abandon(log)
+    [segment] = segments_of(tmp_path)
+    os.truncate(segment, end_of_first)  # the second batch's pages never reached the disk
+    log = await open_log(tmp_path, durability="none")
+    assert log.recovery is None
+    assert log.last_id == 2
+    assert log.epoch != epoch
+    await log.aclose()
+
+
+async def test_an_fsync_writer_after_an_unclean_interval_stop_renews_and_clears_the_mark(
+    tmp_path: Path,
+) -> None:
+    log = await open_log(tmp_path, durability="interval")
+    epoch = log.epoch
+    await log.append(make_events(0, 2))
+    abandon(log)
+    log = await open_log(tmp_path, durability="fsync")
+    assert log.epoch != epoch
+    assert "open" not in meta_of(tmp_path)
+    renewed = log.epoch
+    abandon(log)  # an fsync writer's unclean stop: no mark, so no renewal
+    log = await open_log(tmp_path, durability="fsync")
+    assert log.epoch == renewed
+    await log.aclose()
+
+
+async def test_a_failed_final_sync_leaves_the_mark_so_the_next_open_renews(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path, durability="interval", sync_interval_ms=3_600_000)
+    epoch = log.epoch
+    await log.append(make_events(0, 2))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(log_module, "_datasync", eio)
+    with pytest.raises(OSError, match="I/O error"):
+        await log.aclose()
+    monkeypatch.undo()
+    assert meta_of(tmp_path)["open"] == "interval"
+    log = await open_log(tmp_path, durability="interval")
+    assert log.epoch != epoch
+    await log.aclose()
+
+
+def test_a_killed_interval_writer_leaves_a_new_epoch_and_every_acknowledged_event(
+    tmp_path: Path,
+) -> None:
+    child = Path(__file__).with_name("crash_child.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(child), str(tmp_path), "0", "4", "interval"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().startswith("start ")
+        meta = meta_of(tmp_path, "crash")
+        acked = [int(proc.stdout.readline().split()[0]) for _ in range(50)]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert meta["open"] == "interval"
+
+    async def reopen() -> tuple[str, int]:
+        log = await open_log(tmp_path, "crash", durability="interval")
+        try:
+            return log.epoch, log.last_id
+        finally:
+            await log.aclose()
+
+    epoch, last_id = trio.run(reopen)
+    assert epoch != meta["epoch"]
+    assert last_id >= max(acked)  # a process crash loses nothing acknowledged
+
+
+# --- the append's thread hop ------------------------------------------------------------------
+
+
+async def test_an_append_cancelled_during_its_thread_hop_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await open_log(tmp_path)
+    await log.append(make_events(0, 1))  # the segment exists: the next append is one hop
+    in_hop = threading.Event()
+    release = threading.Event()
+    real_write_all = log_module._write_all
+
+    def held_write_all(fd: int, data: bytes, offset: int) -> None:
+        in_hop.set()
+        release.wait(10)
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(log_module, "_write_all", held_write_all)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.append, make_events(1, 2))
+            await trio.to_thread.run_sync(in_hop.wait, 10)
+            # Trio tries to deliver the cancel to the waiting append at once: the hop is not
+            # abandoned, the append finishes its batch.
+            scope.cancel()
+            release.set()
+    monkeypatch.undo()
+    assert log.last_id == 2
+    await log.aclose()
+    log = await open_log(tmp_path)
+    assert await read_all(log) == make_events(0, 3)
+    await log.aclose()
+
+
+async def test_an_append_waits_for_a_thread_when_the_default_limiter_is_full(
+    tmp_path: Path,
+) -> None:
+    log = await open_log(tmp_path)
+    limiter = trio.to_thread.current_default_thread_limiter()
+    total = limiter.total_tokens
+    busy = threading.Event()
+    try:
+        limiter.total_tokens = 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, busy.wait, 10))
+            await trio.testing.wait_all_tasks_blocked()
+            assert limiter.borrowed_tokens == 1
+            nursery.start_soon(log.append, make_events(0, 1))
+            await trio.testing.wait_all_tasks_blocked()
+            assert log.last_id == -1  # queued for a thread like any other hop
+            busy.set()
+        assert log.last_id == 0
+        assert limiter.borrowed_tokens == 0
+    finally:
+        limiter.total_tokens = total
+        busy.set()
+    await log.aclose()

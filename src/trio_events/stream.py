@@ -54,7 +54,7 @@ from .events import (
 )
 from .filters import EventFilter
 from .secrets import SecretMasker
-from .store.base import EventStore, StreamLog, check_stream_id
+from .store.base import EventStore, RawEvents, StreamLog, _check_read_raw_args, check_stream_id
 from .store.memory import MemoryStore
 from .subscribers import (
     Callback,
@@ -741,6 +741,29 @@ class EventStream:
                 high = page[-1].id - 1
             else:
                 low = page[-1].id + 1
+
+    async def read_raw(
+        self, start_id: int = 0, end_id: int | None = None, *, limit: int | None = None
+    ) -> RawEvents:
+        """The stored JSON of events `start_id` to `end_id` (both inclusive), not decoded.
+
+        ``bodies[k]`` is the JSON of event ``first_id + k``, byte-identical to what the event
+        that `search_events` yields encodes to, so it can go on the wire as it is. Forward
+        only, at most `limit` events (``None``: all, in one read: pass a limit on a long
+        stream), ``end_id=None`` is the last id now.
+
+        Example::
+
+            raw = await stream.read_raw(100, limit=1000)
+            frame = b'{"op":"events","events":[' + b",".join(raw.bodies) + b"]}"
+
+        Raises:
+            ValueError: for the arguments `search_events` refuses.
+            HistoryTruncated: `start_id` is older than what the store retains.
+            CorruptLogError: a stored record in the range is damaged (`LogStore`).
+        """
+        _check_read_raw_args(start_id, end_id, limit)
+        return await self._log.read_raw(start_id, end_id, limit=limit)
 
     async def get_event(self, id: int) -> Event:
         """The event with this id.

@@ -5,7 +5,7 @@
 - `OpenHandsStore`: OpenHands' conversation directory format (docs/openhands.md).
 """
 
-from .base import EventStore, StreamLog, check_stream_id
+from .base import EventStore, RawEvents, StreamLog, check_stream_id
 from .log import LogStore, LogStreamLog, RecoveryReport
 from .memory import MemoryStore, MemoryStreamLog
 from .openhands import OpenHandsStore, OpenHandsStreamLog
@@ -18,6 +18,7 @@ __all__ = [
     "MemoryStreamLog",
     "OpenHandsStore",
     "OpenHandsStreamLog",
+    "RawEvents",
     "RecoveryReport",
     "StreamLog",
     "check_stream_id",

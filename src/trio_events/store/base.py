@@ -11,10 +11,12 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import attrs
+
 from ..errors import InvalidStreamId
 from ..events import Event, PayloadRegistry
 
-__all__ = ["EventStore", "StreamLog", "check_stream_id"]
+__all__ = ["EventStore", "RawEvents", "StreamLog", "check_stream_id"]
 
 _STREAM_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -36,6 +38,52 @@ def check_stream_id(stream_id: object) -> str:
     return stream_id
 
 
+@attrs.frozen
+class RawEvents:
+    """Stored events as their JSON bytes, ready for the wire: what `StreamLog.read_raw` returns.
+
+    ``bodies[k]`` is the exact JSON of event ``first_id + k``, byte for byte what
+    `encode_event` gives for the event `StreamLog.read` returns with that id; ids are dense. An
+    ``events`` wire frame is ``{"op":"events","events":[`` + ``b",".join(bodies)`` + ``]}``.
+
+    Attributes:
+        first_id: The id of ``bodies[0]`` (when empty: the ``start_id`` that was asked for).
+        bodies: One JSON document (UTF-8 bytes) per event, in increasing id order.
+    """
+
+    first_id: int
+    bodies: Sequence[bytes]
+
+    @property
+    def last_id(self) -> int:
+        """The id of the last body (``first_id - 1`` when there are none)."""
+        return self.first_id + len(self.bodies) - 1
+
+    def __len__(self) -> int:
+        """The number of events (so an empty `RawEvents` is falsy)."""
+        return len(self.bodies)
+
+
+def _check_read_raw_args(start_id: object, end_id: object, limit: object) -> None:
+    """Raise `ValueError` unless these are valid `read_raw` arguments (the same checks and
+    messages as `EventStream.search_events`)."""
+    if type(start_id) is not int or start_id < 0:
+        raise ValueError(f"start_id is an event id >= 0, not {start_id!r}")
+    if end_id is not None and type(end_id) is not int:
+        raise ValueError(f"end_id is None or an event id, not {end_id!r}")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise ValueError(f"limit is None or an integer >= 0, not {limit!r}")
+
+
+def _raw_high(start_id: int, end_id: int | None, limit: int | None, last_id: int) -> int:
+    """The last id a forward read from `start_id` returns, given `end_id`, `limit` and the
+    log's `last_id` (below `start_id` when the read is empty)."""
+    high = last_id if end_id is None else min(end_id, last_id)
+    if limit is not None:
+        high = min(high, start_id + limit - 1)
+    return high
+
+
 @runtime_checkable
 class StreamLog(Protocol):
     """One stream's history inside a store.
@@ -54,6 +102,11 @@ class StreamLog(Protocol):
       with ``reverse``), at most ``limit`` of them. It raises `HistoryTruncated` when the first
       event it would return is no longer retained; a reverse read that reaches the retention
       boundary returns the retained part, and the next read below it raises.
+    - `read_raw` returns the same events as a forward `read` of ``[start_id, end_id]`` (at most
+      `limit`; ``end_id=None`` is ``last_id``, ``limit=None`` no limit) as `RawEvents`: each
+      body byte-identical to `encode_event` of the event `read` gives. It raises what `read`
+      raises (`HistoryTruncated` below ``first_id``; `CorruptLogError` for damaged records),
+      and `ValueError` for bad arguments, with the messages of `EventStream.search_events`.
     """
 
     @property
@@ -70,6 +123,13 @@ class StreamLog(Protocol):
     async def read(
         self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
     ) -> Sequence[Event]: ...
+
+    async def read_raw(
+        self, start_id: int, end_id: int | None = None, *, limit: int | None = None
+    ) -> RawEvents:
+        """The JSON of events ``start_id..end_id`` (both inclusive, at most `limit`), in order,
+        without decoding them when the store keeps them as JSON."""
+        ...
 
     async def maintain(self) -> None:
         """Background upkeep (periodic syncs, ...), run by the stream in its own nursery while

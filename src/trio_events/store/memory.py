@@ -9,8 +9,8 @@ import trio
 
 from .._checks import check_int
 from ..errors import HistoryTruncated
-from ..events import Event, PayloadRegistry
-from .base import check_stream_id
+from ..events import Event, PayloadRegistry, default_registry, encode_event
+from .base import RawEvents, _check_read_raw_args, _raw_high, check_stream_id
 
 __all__ = ["MemoryStore", "MemoryStreamLog"]
 
@@ -18,7 +18,7 @@ __all__ = ["MemoryStore", "MemoryStreamLog"]
 class MemoryStreamLog:
     """One stream's history in a `MemoryStore`."""
 
-    __slots__ = ("_epoch", "_events", "_first_id", "_max_events", "_offset", "_open")
+    __slots__ = ("_epoch", "_events", "_first_id", "_max_events", "_offset", "_open", "_registry")
 
     def __init__(self, max_events: int | None) -> None:
         self._epoch = uuid.uuid4().hex
@@ -28,6 +28,9 @@ class MemoryStreamLog:
         self._first_id = 0
         self._max_events = max_events
         self._open = False
+        # The registry of the last open: `read_raw` encodes with it any event appended without
+        # its JSON (a stream's writer always gives the JSON; a direct `append` may not).
+        self._registry: PayloadRegistry = default_registry
 
     @property
     def epoch(self) -> str:
@@ -89,6 +92,22 @@ class MemoryStreamLog:
         chunk.reverse()
         return chunk
 
+    async def read_raw(
+        self, start_id: int, end_id: int | None = None, *, limit: int | None = None
+    ) -> RawEvents:
+        """The JSON of events ``start_id..end_id`` (at most `limit`): the events' cached JSON."""
+        _check_read_raw_args(start_id, end_id, limit)
+        await trio.lowlevel.checkpoint()
+        high = _raw_high(start_id, end_id, limit, self.last_id)
+        if start_id > high:
+            return RawEvents(start_id, [])
+        if start_id < self._first_id:
+            raise HistoryTruncated(start_id, self._first_id)
+        base = self._offset - self._first_id
+        registry = self._registry
+        chunk = self._events[base + start_id : base + high + 1]
+        return RawEvents(start_id, [encode_event(event, registry) for event in chunk])
+
     async def maintain(self) -> None:
         """No background upkeep: returns at once."""
         await trio.lowlevel.checkpoint()
@@ -127,6 +146,7 @@ class MemoryStore:
                 f"EventStream instead of opening it twice"
             )
         log._open = True
+        log._registry = registry
         await trio.lowlevel.checkpoint()
         return log
 

@@ -46,9 +46,9 @@ import orjson
 import trio
 
 from ..errors import EventEncodeError, HistoryTruncated
-from ..events import Event, PayloadRegistry
+from ..events import Event, PayloadRegistry, encode_event
 from ..openhands import OpenHandsFormatError, event_from_openhands, event_to_openhands
-from .base import check_stream_id
+from .base import RawEvents, _check_read_raw_args, _raw_high, check_stream_id
 from .log import _lock_stream, _unlock_stream
 
 __all__ = ["OpenHandsStore", "OpenHandsStreamLog"]
@@ -247,6 +247,30 @@ class OpenHandsStreamLog:
         if reverse:
             events.reverse()
         return events
+
+    async def read_raw(
+        self, start_id: int, end_id: int | None = None, *, limit: int | None = None
+    ) -> RawEvents:
+        """The JSON of events ``start_id..end_id`` (at most `limit`).
+
+        The files hold OpenHands' event dicts, not this library's event JSON: each event is
+        read and decoded as `read` does, then encoded (in the same worker thread).
+        """
+        _check_read_raw_args(start_id, end_id, limit)
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise RuntimeError(f"conversation {self._sid!r} is closed")
+        high = _raw_high(start_id, end_id, limit, self._last_id)
+        if start_id > high:
+            return RawEvents(start_id, [])
+        bodies = await trio.to_thread.run_sync(
+            self._read_raw_range, start_id, high, frozenset(self._pages)
+        )
+        return RawEvents(start_id, bodies)
+
+    def _read_raw_range(self, low: int, high: int, pages: frozenset[int]) -> list[bytes]:
+        registry = self._registry
+        return [encode_event(event, registry) for event in self._read_range(low, high, pages)]
 
     def _read_range(self, low: int, high: int, pages: frozenset[int]) -> list[Event]:
         cs = self._store.cache_size
