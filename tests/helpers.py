@@ -1,14 +1,19 @@
-"""Test helpers: a store whose appends can be held or made to fail, and a task census."""
+"""Test helpers: a store whose appends can be held or made to fail, a task census, and a
+WebSocket server running in the test's nursery."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import attrs
 import trio
 
 import trio_events as te
 from trio_events.events import PayloadRegistry
 from trio_events.store.memory import MemoryStreamLog
+from trio_events.wire.auth import Authenticator
+from trio_events.wire.server import ServerConfig, serve_streams
 
 
 class GatedLog:
@@ -48,6 +53,11 @@ class GatedLog:
     ) -> Sequence[te.Event]:
         return await self.inner.read(start_id, end_id, reverse=reverse, limit=limit)
 
+    async def read_raw(
+        self, start_id: int, end_id: int | None = None, *, limit: int | None = None
+    ) -> te.RawEvents:
+        return await self.inner.read_raw(start_id, end_id, limit=limit)
+
     async def maintain(self) -> None:
         await self.inner.maintain()
 
@@ -81,3 +91,59 @@ def count_tasks() -> int:
         return 1 + sum(walk(child) for n in task.child_nurseries for child in n.child_tasks)
 
     return walk(trio.lowlevel.current_root_task())
+
+
+@attrs.define
+class Server:
+    """A `serve_streams` started by `running`: its port, and a way to stop it early."""
+
+    port: int
+    scope: trio.CancelScope
+    done: trio.Event
+
+    def url(self, target: str = "/v1/streams/s") -> str:
+        """The ws:// URL of a request target (path and query) on this server."""
+        return f"ws://127.0.0.1:{self.port}{target}"
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
+
+
+Running = Callable[..., AbstractAsyncContextManager[Server]]
+
+
+def server_runner(default: ServerConfig) -> Running:
+    """``running(hub, config=default, port=0, *, auth=None)``: serve `hub` for the body of an
+    ``async with``.
+
+    Each test module picks its own default limits (a short ``close_timeout`` makes stopping a
+    server with clients quick).
+    """
+
+    @asynccontextmanager
+    async def running(
+        hub: te.EventHub,
+        config: ServerConfig = default,
+        port: int = 0,
+        *,
+        auth: Authenticator | None = None,
+    ) -> AsyncIterator[Server]:
+        scope = trio.CancelScope()
+        done = trio.Event()
+
+        async def run(*, task_status: trio.TaskStatus[int]) -> None:
+            try:
+                with scope:
+                    await serve_streams(
+                        hub, port=port, config=config, auth=auth, task_status=task_status
+                    )
+            finally:
+                done.set()
+
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(run)
+            yield Server(bound, scope, done)
+            scope.cancel()
+
+    return running

@@ -20,7 +20,7 @@ import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trio_events as te
-from helpers import count_tasks
+from helpers import count_tasks, server_runner
 from trio_events.wire.client import (
     Backoff,
     BadRequest,
@@ -40,7 +40,7 @@ from trio_events.wire.client import (
     connect,
 )
 from trio_events.wire.protocol import ErrorCode, parse_stream_request
-from trio_events.wire.server import ServerConfig, serve_streams
+from trio_events.wire.server import ServerConfig
 
 # A small close_timeout: stopping a server that has clients takes that long.
 CFG = ServerConfig(send_timeout=5, close_timeout=0.5)
@@ -51,39 +51,7 @@ TIMEOUT = 20
 # --- helpers ----------------------------------------------------------------------------------
 
 
-@attrs.define
-class Server:
-    port: int
-    scope: trio.CancelScope
-    done: trio.Event
-
-    def url(self, stream: str = "s") -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/streams/{stream}"
-
-    async def stop(self) -> None:
-        self.scope.cancel()
-        await self.done.wait()
-
-
-@asynccontextmanager
-async def running(
-    hub: te.EventHub, config: ServerConfig = CFG, port: int = 0
-) -> AsyncIterator[Server]:
-    scope = trio.CancelScope()
-    done = trio.Event()
-
-    async def run(*, task_status: trio.TaskStatus[int]) -> None:
-        try:
-            with scope:
-                await serve_streams(hub, port=port, config=config, task_status=task_status)
-        finally:
-            done.set()
-
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(run)
-        yield Server(bound, scope, done)
-        scope.cancel()
-
+running = server_runner(CFG)
 
 Handler = Callable[[WebSocketRequest], Awaitable[None]]
 

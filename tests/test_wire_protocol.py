@@ -37,9 +37,11 @@ from trio_events.wire.protocol import (
     Replay,
     ReplayInvariantError,
     ServerMessage,
+    StoredEvents,
     StreamRequest,
     binary_frame_error,
     coalesce,
+    coalesce_stored,
     encode_message,
     parse_client_message,
     parse_server_message,
@@ -833,3 +835,86 @@ def test_a_misspelt_parameter_name_is_shown() -> None:
 def test_replay_checks_frame_limits_when_made(limits: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="must be >= 1"):
         Replay("s", after=-1, first_id=0, last_id=-1, epoch="e", **limits)  # type: ignore[arg-type]
+
+
+# --- stored (never decoded) frames and mid-connection gaps -------------------------------------
+
+
+def wire(messages: list[ServerMessage]) -> list[bytes]:
+    return [encode_message(m) for m in messages]
+
+
+@given(
+    data=st.data(),
+    retained=st.integers(0, 40),
+    live=st.integers(0, 10),
+    max_events=st.integers(1, 7),
+    max_bytes=st.integers(1, 400),
+)
+def test_stored_frames_are_byte_identical_to_decoded_ones(
+    data: st.DataObject, retained: int, live: int, max_events: int, max_bytes: int
+) -> None:
+    """A replay fed stored JSON sends exactly the frames a replay fed events sends."""
+    last = retained - 1
+    after = data.draw(st.integers(-1, last), label="after")
+    limits = {"max_frame_events": max_events, "max_frame_bytes": max_bytes}
+    decoded, stored = replay(after, 0, last, **limits), replay(after, 0, last, **limits)
+    out_decoded, out_stored = decoded.open(), stored.open()
+    todo = events(after + 1, last + live, payload={"text": "é" * 7})
+    while todo:
+        n = data.draw(st.integers(0, len(todo)), label="batch")
+        batch, todo = todo[:n], todo[n:]
+        out_decoded += decoded.feed(batch)
+        first_id = batch[0].id if batch else stored.position + 1
+        out_stored += stored.feed_stored(first_id, [encode_event(e) for e in batch])
+    assert wire(out_stored) == wire(out_decoded)
+    assert [type(m) for m in out_stored] == [
+        StoredEvents if isinstance(m, Events) else type(m) for m in out_decoded
+    ]
+    assert stored.position == decoded.position
+    assert stored.caught_up == decoded.caught_up
+
+
+def test_coalesce_stored_respects_limits_and_ids() -> None:
+    bodies = [b"x" * n for n in (5, 5, 5, 50, 5)]
+    frames = list(coalesce_stored(10, bodies, max_frame_bytes=40, max_frame_events=2))
+    assert [(f.first_id, f.last_id) for f in frames] == [(10, 11), (12, 12), (13, 13), (14, 14)]
+    assert encode_message(frames[0]) == b'{"op":"events","events":[xxxxx,xxxxx]}'
+    with pytest.raises(ValueError, match="must be >= 1"):
+        list(coalesce_stored(0, bodies, max_frame_events=0))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        list(coalesce_stored(0, bodies, max_frame_bytes=0))
+
+
+def test_feed_stored_checks_density_and_filter() -> None:
+    r = replay(-1, 0, 9)
+    with pytest.raises(ReplayInvariantError, match="before open"):
+        r.feed_stored(0, [b"{}"])
+    r.open()
+    with pytest.raises(ReplayInvariantError, match="a hole"):
+        r.feed_stored(1, [b"{}"])
+    with pytest.raises(ReplayInvariantError, match="duplicate"):
+        r.feed_stored(-1, [b"{}"])
+    assert r.feed_stored(5, []) == []  # nothing fed: no check, no frame
+    filtered = replay(-1, 0, 9, filter=te.EventFilter(exclude_hidden=True))
+    filtered.open()
+    with pytest.raises(ReplayInvariantError, match="filtered"):
+        filtered.feed_stored(0, [b"{}"])
+
+
+def test_skip_reports_a_gap_mid_connection_then_goes_on() -> None:
+    r = replay(-1, 0, 20)
+    r.open()
+    assert r.feed(events(0, 3)) == [Events(events(0, 3))]
+    # Retention removed 4..11 while the client was catching up.
+    assert r.skip(11) == [Gap(4, 11)]
+    assert r.feed(events(12, 20)) == [Events(events(12, 20)), CaughtUp(20)]
+    # A gap that reaches past the opening head also ends the replay.
+    r2 = replay(-1, 0, 5)
+    r2.open()
+    assert r2.skip(8) == [Gap(0, 8), CaughtUp(8)]
+    assert r2.feed([ev(9)]) == [Events([ev(9)])]
+    with pytest.raises(ReplayInvariantError, match="ahead of the position"):
+        r2.skip(9)
+    with pytest.raises(ReplayInvariantError, match="before open"):
+        replay().skip(3)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import orjson
 import pytest
 import trio
@@ -19,7 +17,7 @@ from trio_websocket import (
 )
 
 import trio_events as te
-from helpers import count_tasks
+from helpers import count_tasks, server_runner
 from trio_events.wire import server as server_module
 from trio_events.wire.protocol import (
     ProtocolError,
@@ -36,36 +34,7 @@ CFG = ServerConfig(send_timeout=5, close_timeout=5)
 TIMEOUT = 15
 
 
-@attrs.define
-class Server:
-    port: int
-    scope: trio.CancelScope
-    done: trio.Event
-
-    def url(self, target: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{target}"
-
-    async def stop(self) -> None:
-        self.scope.cancel()
-        await self.done.wait()
-
-
-@asynccontextmanager
-async def running(hub: te.EventHub, config: ServerConfig = CFG) -> AsyncIterator[Server]:
-    scope = trio.CancelScope()
-    done = trio.Event()
-
-    async def run(*, task_status: trio.TaskStatus[int]) -> None:
-        try:
-            with scope:
-                await serve_streams(hub, config=config, task_status=task_status)
-        finally:
-            done.set()
-
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(run)
-        yield Server(port, scope, done)
-        scope.cancel()
+running = server_runner(CFG)
 
 
 async def recv(ws: WebSocketConnection) -> dict[str, Any]:

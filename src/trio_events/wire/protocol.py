@@ -63,9 +63,11 @@ __all__ = [
     "Replay",
     "ReplayInvariantError",
     "ServerMessage",
+    "StoredEvents",
     "StreamRequest",
     "binary_frame_error",
     "coalesce",
+    "coalesce_stored",
     "encode_message",
     "parse_client_message",
     "parse_server_message",
@@ -77,7 +79,7 @@ PROTOCOL_VERSION: Final = 1
 LATEST: Final = "latest"
 #: Default budget of one ``events`` frame (bytes of JSON, and events).
 DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
-DEFAULT_MAX_FRAME_EVENTS: Final = 100
+DEFAULT_MAX_FRAME_EVENTS: Final = 1000
 
 #: ``req`` bounds: a string of at most this many characters, or an integer JavaScript can hold
 #: exactly (|req| <= 2**53 - 1), so that every client can echo it back unchanged.
@@ -192,6 +194,26 @@ class Events:
     events: tuple[Event, ...] = attrs.field(converter=_event_tuple)
 
 
+def _bytes_tuple(bodies: Iterable[bytes]) -> tuple[bytes, ...]:
+    return tuple(bodies)
+
+
+@attrs.frozen
+class StoredEvents:
+    """An ``events`` frame made of stored event JSON, never decoded (the replay fast path).
+
+    ``bodies`` are the exact JSON of events ``first_id``, ``first_id + 1``, … as a store keeps
+    them (`StreamLog.read_raw`); on the wire this is the same frame as `Events`.
+    """
+
+    first_id: int
+    bodies: tuple[bytes, ...] = attrs.field(converter=_bytes_tuple)
+
+    @property
+    def last_id(self) -> int:
+        return self.first_id + len(self.bodies) - 1
+
+
 @attrs.frozen
 class CaughtUp:
     """Sent once: the client has every event up to ``id`` (that its filter lets through)."""
@@ -244,7 +266,7 @@ class Ping:
     req: Req
 
 
-ServerMessage: TypeAlias = Hello | Events | CaughtUp | Ack | Pong | Gap | Error
+ServerMessage: TypeAlias = Hello | Events | StoredEvents | CaughtUp | Ack | Pong | Gap | Error
 ClientMessage: TypeAlias = Publish | Ping
 
 
@@ -271,6 +293,8 @@ def encode_message(
     """
     if isinstance(message, Events):
         return encode_events_frame(message.events, registry)
+    if isinstance(message, StoredEvents):
+        return _EVENTS_PREFIX + b",".join(message.bodies) + _EVENTS_SUFFIX
     return orjson.dumps(_message_dict(message))
 
 
@@ -314,7 +338,7 @@ def _message_dict(message: ServerMessage | ClientMessage) -> dict[str, Any]:
             }
         case Ping():
             return {"op": "ping", "req": message.req}
-        case Events():  # pragma: no cover - handled by encode_message's fast path
+        case Events() | StoredEvents():  # pragma: no cover - encode_message's fast path
             raise AssertionError("unreachable")
 
 
@@ -348,6 +372,31 @@ def coalesce(
         batch.append(event)
     if batch:
         yield Events(batch)
+
+
+def coalesce_stored(
+    first_id: int,
+    bodies: Sequence[bytes],
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_frame_events: int = DEFAULT_MAX_FRAME_EVENTS,
+) -> Iterator[StoredEvents]:
+    """`coalesce` for stored event JSON: the same frame limits, no decoding."""
+    if max_frame_events < 1:
+        raise ValueError(f"max_frame_events must be >= 1, not {max_frame_events}")
+    if max_frame_bytes < 1:
+        raise ValueError(f"max_frame_bytes must be >= 1, not {max_frame_bytes}")
+    start = 0
+    size = _EVENTS_OVERHEAD
+    for i, body in enumerate(bodies):
+        n = len(body)
+        if i > start and (i - start >= max_frame_events or size + 1 + n > max_frame_bytes):
+            yield StoredEvents(first_id + start, bodies[start:i])
+            start = i
+            size = _EVENTS_OVERHEAD
+        size += n + (1 if i > start else 0)
+    if start < len(bodies):
+        yield StoredEvents(first_id + start, bodies[start:])
 
 
 # --- decoding client frames -------------------------------------------------------------------
@@ -1021,6 +1070,53 @@ class Replay:
         out += self._check_level()
         return out
 
+    def feed_stored(self, first_id: int, bodies: Sequence[bytes]) -> list[ServerMessage]:
+        """`feed` for stored event JSON (`StreamLog.read_raw`): frames without decoding.
+
+        Only for a connection without a filter (a filter needs decoded events): the replay of a
+        backlog, which is the bulk of what a reconnecting client receives.
+        """
+        if not self._opened:
+            raise ReplayInvariantError("Replay.feed_stored() before open()")
+        if self.filter is not None:
+            raise ReplayInvariantError("Replay.feed_stored() on a filtered connection")
+        if bodies and first_id != self.position + 1:
+            kind = "duplicate or out of order" if first_id <= self.position else "a hole"
+            raise ReplayInvariantError(
+                f"stream {self.stream!r}: fed stored events from {first_id} where "
+                f"{self.position + 1} was due ({kind}); ids must be fed densely and in order"
+            )
+        out: list[ServerMessage] = []
+        last_id = first_id + len(bodies) - 1
+        if not self.caught_up and bodies and last_id > self.head:
+            split = self.head - self.position
+            out += self._stored_frames(first_id, bodies[:split])
+            self.position = self.head
+            out += self._check_level()
+            first_id, bodies = first_id + split, bodies[split:]
+        out += self._stored_frames(first_id, bodies)
+        if bodies:
+            self.position = last_id
+        out += self._check_level()
+        return out
+
+    def skip(self, to: int) -> list[ServerMessage]:
+        """Events ``position + 1`` .. `to` are gone (retention removed them while the client
+        was catching up): a `Gap`, then `CaughtUp` if that reaches the opening head."""
+        if not self._opened:
+            raise ReplayInvariantError("Replay.skip() before open()")
+        if to <= self.position:
+            raise ReplayInvariantError(
+                f"stream {self.stream!r}: skip to {to} at position {self.position}: "
+                f"a gap must lie ahead of the position"
+            )
+        out: list[ServerMessage] = [Gap(self.position + 1, to)]
+        self.position = to
+        if not self.caught_up and self.position >= self.head:
+            self.caught_up = True
+            out.append(CaughtUp(self.position))
+        return out
+
     def level(self) -> list[ServerMessage]:
         """The feeder has nothing more to give right now: emit `CaughtUp` if not done yet.
 
@@ -1034,6 +1130,16 @@ class Replay:
             return []
         self.caught_up = True
         return [CaughtUp(self.position)]
+
+    def _stored_frames(self, first_id: int, bodies: Sequence[bytes]) -> list[ServerMessage]:
+        return list(
+            coalesce_stored(
+                first_id,
+                bodies,
+                max_frame_bytes=self.max_frame_bytes,
+                max_frame_events=self.max_frame_events,
+            )
+        )
 
     def _frames(self, events: Sequence[Event]) -> list[ServerMessage]:
         if self.filter is not None:

@@ -1,27 +1,41 @@
-"""WebSocket protocol v1 server (basic version): a thin I/O layer around `wire.protocol`.
+"""WebSocket protocol v1 server: a thin I/O layer around `wire.protocol` and `wire.auth`.
 
-Every parsing, validation, encoding and replay decision comes from the sans-IO core
-(`parse_stream_request`, `parse_client_message`, `binary_frame_error`, `encode_message`,
-`Replay`); this module only moves frames between trio-websocket and an `EventHub`.
+Every parsing, validation, encoding, replay and authorisation decision comes from the sans-IO
+cores (`parse_stream_request`, `parse_client_message`, `binary_frame_error`, `encode_message`,
+`Replay`, `Authenticator`, `Grant`); this module only moves frames between trio-websocket and an
+`EventHub`, and enforces the limits of `ServerConfig`.
 
 One connection, as implemented here:
 
-1. The request target and headers are parsed; a bad one is refused before the upgrade with the
-   error code's HTTP status and the ``error`` JSON as the body.
-2. (No authentication yet: see `_authorize`.)
-3. The upgrade is accepted, the stream is held with ``hub.stream(id)``, `Replay` decides the
-   opening (``hello``, ``gap``, ``caught_up``, or the ahead-of-head error, then close 1000).
-4. A ``CATCH_UP`` subscription from the replay's position feeds `Replay`, which turns each batch
-   into coalesced ``events`` frames (several per frame when behind, one when level) and one
-   ``caught_up``. Concurrently, client frames are read: ``publish`` → ``ack``, ``ping`` →
-   ``pong``, a bad frame → ``error`` (the connection stays open), a frame over the size limit →
-   ``error``/``too_large`` and close 1009.
+1. The handshake must complete within ``handshake_timeout``. The request target and headers are
+   parsed; a bad one is refused before the upgrade with the error code's HTTP status and the
+   ``error`` JSON as the body.
+2. The upgrade is accepted. Over ``max_connections`` (or ``max_connections_per_address`` for the
+   client's address) the connection is closed at once with 1013. The token is checked
+   (`Authenticator.authenticate`) and the grant must allow ``read`` or ``publish`` on the stream;
+   otherwise ``error`` (``unauthorized``/``forbidden``) then close 1008. Refusing after the
+   upgrade, not with an HTTP status, lets browsers see why (they cannot read a refused
+   handshake). A grant that expires closes the connection with 1008 at that moment.
+3. The stream is held with ``hub.stream(id)`` and `Replay` decides the opening (``hello``,
+   ``gap``, ``caught_up``, or the ahead-of-head error, then close 1000).
+4. With ``read``, a ``CATCH_UP`` subscription from the replay's position feeds `Replay`, which
+   turns each batch into coalesced ``events`` frames (several per frame when behind, one when
+   level) and one ``caught_up``. Concurrently, client frames are read: ``publish`` → ``ack``
+   (``forbidden`` without the permission, ``rate_limited`` over ``publish_rate``), ``ping`` →
+   ``pong``, a bad frame → ``error`` (the connection stays open), a frame over the size limit
+   → ``error``/``too_large`` and close 1009. A WebSocket ping goes out when the client has
+   been silent for half of ``idle_timeout``; no answer by ``idle_timeout`` closes with 1001.
 
 Sends never stop half-way through a frame (a half-sent frame would corrupt the connection):
 each is shielded from cancellation, bounded by ``send_timeout + close_timeout``. A watchdog
 closes the connection with 4008 when no send has completed for ``send_timeout`` while one was
-waiting: the client did not read. Hub or stream shutdown and server shutdown close with 1001;
-an unexpected error is logged once and closes that connection alone with 1011.
+waiting: the client did not read. An unexpected error is logged once and closes that connection
+alone with 1011.
+
+Shutdown (cancelling `serve_streams`): the listener stops first; then every connection is told
+to close with 1001 while its WebSocket reader still runs, so the closing handshake completes at
+once instead of waiting out ``close_timeout``; a connection that does not finish within
+``close_timeout`` is dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +43,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -42,11 +58,18 @@ from trio_websocket import (
 )
 
 from .._checks import check_int
-from ..errors import EventEncodeError, EventTooLarge, StreamClosed, TooManyStreams
-from ..events import PayloadRegistry
+from ..errors import (
+    EventEncodeError,
+    EventTooLarge,
+    HistoryTruncated,
+    StreamClosed,
+    TooManyStreams,
+)
+from ..events import Event, PayloadRegistry
 from ..hub import EventHub
 from ..stream import EventStream
 from ..subscribers import Overflow
+from .auth import ALLOW_ALL, Authenticator, Grant, Permission
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_FRAME_EVENTS,
@@ -79,6 +102,11 @@ def _positive_seconds(_: object, attribute: attrs.Attribute[float], value: float
         raise ValueError(f"{attribute.name} must be finite, not {value!r}")
 
 
+def _positive_rate(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{attribute.name} is a number of events per second > 0, not {value!r}")
+
+
 def _at_least_one(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     check_int(attribute.name, value, 1)
 
@@ -95,6 +123,18 @@ class ServerConfig:
             for it; then it is closed with 4008 and resumes with ``after=``.
         close_timeout: Seconds allowed for the closing handshake (and for finishing a frame
             already half sent); then the TCP connection is dropped.
+        handshake_timeout: Seconds from the TCP connection to a complete WebSocket upgrade
+            request; a client that is slower is disconnected.
+        idle_timeout: Seconds a client may stay silent and not answer a WebSocket ping. The
+            server pings after half of it; WebSocket libraries and browsers answer pings by
+            themselves, so only a dead or stuck peer is closed (with 1001).
+        max_connections: Open connections in all; the next one is closed with 1013. Keep it
+            below the process's open-file limit (``ulimit -n``).
+        max_connections_per_address: Open connections from one client IP address; the next
+            one is closed with 1013.
+        publish_rate: Sustained ``publish`` messages per second per connection; a publish over
+            the budget gets ``error``/``rate_limited`` and is not published.
+        publish_burst: Publishes a connection may send at once before the rate applies.
         subscriber_buffer: Events queued per connection before it falls back to catching up
             from the store (``Overflow.CATCH_UP``).
         max_frame_events: Events in one ``events`` frame, at most.
@@ -105,6 +145,12 @@ class ServerConfig:
     max_message_bytes: int = attrs.field(default=1 << 20, validator=_at_least_one)
     send_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
     close_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
+    max_connections: int = attrs.field(default=1000, validator=_at_least_one)
+    max_connections_per_address: int = attrs.field(default=256, validator=_at_least_one)
+    publish_rate: float = attrs.field(default=1000.0, validator=_positive_rate)
+    publish_burst: int = attrs.field(default=1000, validator=_at_least_one)
     subscriber_buffer: int = attrs.field(default=1024, validator=_at_least_one)
     max_frame_events: int = attrs.field(default=DEFAULT_MAX_FRAME_EVENTS, validator=_at_least_one)
     max_frame_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_at_least_one)
@@ -116,55 +162,145 @@ async def serve_streams(
     host: str = "127.0.0.1",
     port: int = 0,
     config: ServerConfig = ServerConfig(),  # frozen: sharing it is safe
+    auth: Authenticator | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the hub's streams over WebSocket protocol v1 until cancelled.
 
     Use with ``port = await nursery.start(serve_streams, hub)``: it reports the bound port once
     it accepts connections. Every connection's task lives in this function's nursery; cancelling
-    it closes every client with 1001 (each within ``close_timeout``) and leaves no task behind.
+    it stops accepting, closes every client with 1001 (each within ``close_timeout``) and leaves
+    no task behind.
+
+    Args:
+        auth: Checks each connection's token (`StaticTokens`, `JwtAuthenticator`, `AnyOf`).
+            ``None`` lets every client read and publish every stream: only for a server that
+            untrusted clients cannot reach.
     """
-    handler = functools.partial(_handle_request, hub, config)
+    connections = _Connections(config)
+    handler = functools.partial(_handle_request, hub, config, auth, connections)
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            functools.partial(
-                serve_websocket,
-                handler,
-                host,
-                port,
-                None,
-                handler_nursery=nursery,
-                # The core checks the exact limit (and answers too_large); the WebSocket layer
-                # only cuts off frames far over it, without buffering them whole.
-                max_message_size=2 * config.max_message_bytes,
-                disconnect_timeout=config.close_timeout,
-            )
+        handlers: trio.Nursery = await nursery.start(
+            _run_connections, connections, config.close_timeout
         )
-        logger.info("serving streams on %s:%d", host, server.port)
-        task_status.started(server.port)
+        try:
+            server = await nursery.start(
+                functools.partial(
+                    serve_websocket,
+                    handler,
+                    host,
+                    port,
+                    None,
+                    handler_nursery=handlers,
+                    # The core checks the exact limit (and answers too_large); the WebSocket
+                    # layer only cuts off frames far over it, without buffering them whole.
+                    max_message_size=2 * config.max_message_bytes,
+                    connect_timeout=config.handshake_timeout,
+                    disconnect_timeout=config.close_timeout,
+                )
+            )
+            logger.info(
+                "serving streams on %s:%d (auth: %s)",
+                host,
+                server.port,
+                "none" if auth is None else type(auth).__name__,
+            )
+            task_status.started(server.port)
+            await trio.sleep_forever()
+        finally:
+            # The listener is being cancelled with this task; the connections are not (see
+            # `_run_connections`): tell each to close while its reader still runs.
+            connections.close_all()
 
 
-def _client_address(request: WebSocketRequest) -> str:
+async def _run_connections(
+    connections: _Connections,
+    close_timeout: float,
+    *,
+    task_status: trio.TaskStatus[trio.Nursery],
+) -> None:
+    """Own the connections' tasks (ours and trio-websocket's readers) until `close_all`.
+
+    Shielded, because cancelling `serve_streams` would otherwise cancel each connection's
+    WebSocket reader too, and a close handshake without a reader waits out ``close_timeout``.
+    """
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as handlers:
+            task_status.started(handlers)
+            await connections.closing.wait()
+            # Connections close themselves within close_timeout; then whatever is left (one
+            # that did not, a handshake in progress, the reader of a refused request waiting
+            # for its client to hang up) is cancelled.
+            with trio.move_on_after(close_timeout):
+                await connections.all_closed.wait()
+            handlers.cancel_scope.cancel()
+
+
+class _Connections:
+    """The open connections: admission against the limits, and closing them all at shutdown."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.open: set[_Connection] = set()
+        self.per_address: Counter[str] = Counter()
+        self.closing = trio.Event()
+        self.all_closed = trio.Event()  # set once closing and no connection is left
+
+    def admit(self, connection: _Connection) -> tuple[int, str] | None:
+        """Register `connection`, or say with which close code and reason it is refused."""
+        if self.closing.is_set():
+            return CloseCode.GOING_AWAY, "server shutting down"
+        config = self.config
+        if len(self.open) >= config.max_connections:
+            return CloseCode.OVERLOADED, (
+                f"too many connections (limit {config.max_connections}); retry later"
+            )
+        address = connection.address
+        if self.per_address[address] >= config.max_connections_per_address:
+            return CloseCode.OVERLOADED, (
+                f"too many connections from {address} "
+                f"(limit {config.max_connections_per_address}); retry later"
+            )
+        self.open.add(connection)
+        self.per_address[address] += 1
+        return None
+
+    def release(self, connection: _Connection) -> None:
+        if connection in self.open:
+            self.open.remove(connection)
+            self.per_address[connection.address] -= 1
+            if not self.per_address[connection.address]:
+                del self.per_address[connection.address]
+        if self.closing.is_set() and not self.open:
+            self.all_closed.set()
+
+    def close_all(self) -> None:
+        self.closing.set()
+        if not self.open:
+            self.all_closed.set()
+        for connection in list(self.open):
+            connection.finish(CloseCode.GOING_AWAY, "server shutting down")
+
+
+def _client_endpoint(request: WebSocketRequest) -> tuple[str, str]:
+    """The client's ``(address, "address:port")``: the first for limits, the second for logs."""
     remote = request.remote
     if isinstance(remote, Endpoint):
-        return f"{remote.address}:{remote.port}"
-    return str(remote)
+        return str(remote.address), f"{remote.address}:{remote.port}"
+    return str(remote), str(remote)
 
 
-def _authorize(stream_request: StreamRequest) -> None:
-    """AUTH HOOK — not implemented: every request is allowed.
-
-    This is where a token check belongs (``stream_request.token``, never logged): raise
-    ``ProtocolError(ErrorCode.UNAUTHORIZED | FORBIDDEN, ...)`` to refuse before the upgrade.
-    """
-
-
-async def _handle_request(hub: EventHub, config: ServerConfig, request: WebSocketRequest) -> None:
+async def _handle_request(
+    hub: EventHub,
+    config: ServerConfig,
+    auth: Authenticator | None,
+    connections: _Connections,
+    request: WebSocketRequest,
+) -> None:
     """One connection, from the handshake to the close. Never raises (but `Cancelled`)."""
-    client = _client_address(request)
+    address, client = _client_endpoint(request)
     try:
         stream_request = parse_stream_request(request.path, request.headers)
-        _authorize(stream_request)
     except ProtocolError as exc:
         # The path may hold a token: it is not logged, only the code.
         logger.info(
@@ -180,7 +316,38 @@ async def _handle_request(hub: EventHub, config: ServerConfig, request: WebSocke
     except ConnectionClosed:
         logger.info("ws client=%s went away during the handshake", client)
         return
-    await _Connection(hub, config, ws, stream_request, client).run()
+    connection = _Connection(hub, config, auth, ws, stream_request, address, client)
+    refusal = connections.admit(connection)
+    if refusal is not None:
+        connection.finish(*refusal)
+        await connection.close()
+        return
+    try:
+        await connection.run()
+    finally:
+        connections.release(connection)
+
+
+#: Bytes of stored JSON to read per `read_raw` call while replaying a backlog (about): large
+#: reads amortise the thread hop; the bound keeps a replaying connection's memory in check.
+_STORED_REPLAY_BYTES = 4 << 20
+#: Events per `read_raw` call: the first (which measures the events' size) and at most.
+_STORED_REPLAY_FIRST = 256
+_STORED_REPLAY_MAX = 8192
+
+
+def _feed_with_gaps(replay: Replay, batch: list[Event]) -> list[ServerMessage]:
+    """`Replay.feed` for a batch with holes: each hole is a `Gap` (events lost to retention)."""
+    messages: list[ServerMessage] = []
+    start = 0
+    for i in range(1, len(batch) + 1):
+        if i == len(batch) or batch[i].id != batch[i - 1].id + 1:
+            run = batch[start:i]
+            if run[0].id > replay.position + 1:
+                messages += replay.skip(run[0].id - 1)
+            messages += replay.feed(run)
+            start = i
+    return messages
 
 
 class _Connection:
@@ -188,15 +355,20 @@ class _Connection:
         self,
         hub: EventHub,
         config: ServerConfig,
+        auth: Authenticator | None,
         ws: WebSocketConnection,
         request: StreamRequest,
+        address: str,
         client: str,
     ) -> None:
         self.hub = hub
         self.config = config
+        self.auth = auth
         self.ws = ws
         self.request = request
+        self.address = address
         self.client = client
+        self.grant: Grant | None = None
         self.registry: PayloadRegistry | None = None
         self.close_code: int | None = None
         self.close_reason = ""
@@ -205,6 +377,14 @@ class _Connection:
         # while a send is waiting, infinite while none is.
         self.send_timer = trio.CancelScope()
         self.sending = 0
+        self.last_heard = trio.current_time()
+        self.publish_tokens = float(config.publish_burst)
+        self.publish_refilled = self.last_heard
+        self.refused_codes: set[ErrorCode] = set()
+
+    @property
+    def subject(self) -> str:
+        return "-" if self.grant is None else self.grant.subject
 
     # --- closing -------------------------------------------------------------------------------
 
@@ -214,9 +394,10 @@ class _Connection:
             self.close_code = code
             self.close_reason = reason
             logger.info(
-                "ws closing stream=%s client=%s code=%d reason=%s",
+                "ws closing stream=%s client=%s subject=%s code=%d reason=%s",
                 self.request.stream_id,
                 self.client,
+                self.subject,
                 code,
                 reason,
             )
@@ -243,13 +424,20 @@ class _Connection:
         )
         self.finish(CloseCode.INTERNAL, "internal server error")
 
+    def note_refused(self, code: ErrorCode) -> None:
+        """Log a refused client message once per code and connection: a flood is one line."""
+        if code not in self.refused_codes:
+            self.refused_codes.add(code)
+            logger.info(
+                "ws stream=%s client=%s subject=%s: refused a message: %s "
+                "(further ones with this code on this connection are not logged)",
+                self.request.stream_id,
+                self.client,
+                self.subject,
+                code,
+            )
+
     async def run(self) -> None:
-        logger.info(
-            "ws open stream=%s client=%s after=%s",
-            self.request.stream_id,
-            self.client,
-            self.request.after,
-        )
         try:
             with self.tasks:
                 await self._serve()
@@ -264,9 +452,9 @@ class _Connection:
         finally:
             if self.close_code is None:  # cancelled from outside: the server is shutting down
                 self.finish(CloseCode.GOING_AWAY, "server shutting down")
-            await self._close()
+            await self.close()
 
-    async def _close(self) -> None:
+    async def close(self) -> None:
         """Send the close frame (after ``error``/``internal`` for 1011), within close_timeout."""
         assert self.close_code is not None
         with trio.CancelScope(shield=True) as scope:
@@ -308,19 +496,44 @@ class _Connection:
             self.finish(CloseCode.SLOW_CONSUMER, "slow consumer: a frame could not be sent")
             await trio.lowlevel.checkpoint()  # raises Cancelled: `finish` cancelled the tasks
 
-    async def _watch_sends(self) -> None:
-        with self.send_timer:
-            await trio.sleep_forever()
-        self.finish(
-            CloseCode.SLOW_CONSUMER,
-            f"slow consumer: not reading for {self.config.send_timeout:g} s; "
-            f"reconnect with after=<last id you have>",
-        )
+    async def refuse(self, exc: ProtocolError, close_code: int) -> None:
+        """Send `exc`'s ``error`` message, then close with `close_code`."""
+        self.note_refused(exc.code)
+        await self.send(exc.to_message())
+        self.finish(close_code, f"refused: {exc.code}")
 
     # --- the connection's tasks ----------------------------------------------------------------
 
+    def _authorize(self) -> Grant:
+        """The client's grant for this stream (`ALLOW_ALL` without auth), or `ProtocolError`."""
+        if self.auth is None:
+            return ALLOW_ALL
+        stream_id = self.request.stream_id
+        self.grant = grant = self.auth.authenticate(self.request.token, now=time.time())
+        if not (
+            grant.allows(stream_id, Permission.READ) or grant.allows(stream_id, Permission.PUBLISH)
+        ):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"your token does not give access to stream {stream_id!r}; "
+                f"use a token whose streams include it",
+            )
+        return grant
+
     async def _serve(self) -> None:
         request = self.request
+        try:
+            self.grant = grant = self._authorize()
+        except ProtocolError as exc:
+            await self.refuse(exc, CloseCode.POLICY)
+            return
+        logger.info(
+            "ws open stream=%s client=%s subject=%s after=%s",
+            request.stream_id,
+            self.client,
+            self.subject,
+            request.after,
+        )
         async with self.hub.stream(request.stream_id) as stream:
             self.registry = stream.registry
             replay = Replay(
@@ -337,28 +550,72 @@ class _Connection:
             try:
                 opening = replay.open()
             except ProtocolError as exc:  # the cursor is ahead of the stream
-                await self.send(exc.to_message())
-                self.finish(CloseCode.NORMAL, f"refused: {exc.code}")
+                await self.refuse(exc, CloseCode.NORMAL)
                 return
-            # Unfiltered: `Replay` must see every id (it applies the filter itself).
-            async with stream.subscription(
-                after=replay.position,
-                buffer=self.config.subscriber_buffer,
-                overflow=Overflow.CATCH_UP,
-                subscriber_id="ws",
-            ) as sub:
-                for message in opening:  # before anything else can be sent
-                    await self.send(message)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guarded, self._watch_sends)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guarded, self._watch_sends)
+                nursery.start_soon(self._guarded, self._keep_alive)
+                if grant.expires_at is not None:
+                    expire = functools.partial(self._expire, grant.expires_at)
+                    nursery.start_soon(self._guarded, expire)
+                if grant.allows(request.stream_id, Permission.READ):
+                    await self._stream_events(stream, replay, opening, nursery)
+                else:
+                    # Publish-only: the client learns the stream's position, nothing more.
+                    await self.send(opening[0])
                     nursery.start_soon(self._guarded, functools.partial(self._read, stream))
-                    while True:
-                        batch = await sub.receive_batch()
-                        if not batch:
-                            self.finish(CloseCode.GOING_AWAY, "stream closed")
-                            return
-                        for message in replay.feed(batch):
-                            await self.send(message)
+
+    async def _stream_events(
+        self,
+        stream: EventStream,
+        replay: Replay,
+        opening: list[ServerMessage],
+        nursery: trio.Nursery,
+    ) -> None:
+        for message in opening:  # before anything else can be sent
+            await self.send(message)
+        nursery.start_soon(self._guarded, functools.partial(self._read, stream))
+        if replay.filter is None:
+            await self._replay_stored(stream, replay)
+        # Unfiltered: `Replay` must see every id (it applies the filter itself). Whatever was
+        # published since the opening comes from the store first, then live.
+        async with stream.subscription(
+            after=replay.position,
+            buffer=self.config.subscriber_buffer,
+            overflow=Overflow.CATCH_UP,
+            subscriber_id="ws",
+        ) as sub:
+            while True:
+                batch = await sub.receive_batch()
+                if not batch:
+                    self.finish(CloseCode.GOING_AWAY, "stream closed")
+                    return
+                if (
+                    batch[0].id == replay.position + 1
+                    and batch[-1].id == batch[0].id + len(batch) - 1
+                ):
+                    messages = replay.feed(batch)
+                else:  # retention removed events while the subscription was catching up
+                    messages = _feed_with_gaps(replay, batch)
+                for message in messages:
+                    await self.send(message)
+
+    async def _replay_stored(self, stream: EventStream, replay: Replay) -> None:
+        """Send the backlog up to the opening head from the stored JSON, without decoding it."""
+        limit = _STORED_REPLAY_FIRST
+        while replay.position < replay.head:
+            try:
+                raw = await stream.read_raw(replay.position + 1, replay.head, limit=limit)
+            except HistoryTruncated as exc:
+                messages = replay.skip(exc.first_id - 1)
+            else:
+                if not raw.bodies:
+                    return  # cannot happen with a dense store: the subscription takes over
+                mean_size = sum(map(len, raw.bodies)) / len(raw.bodies)
+                limit = max(1, min(_STORED_REPLAY_MAX, int(_STORED_REPLAY_BYTES / mean_size)))
+                messages = replay.feed_stored(raw.first_id, raw.bodies)
+            for message in messages:
+                await self.send(message)
 
     async def _guarded(self, task: Callable[[], Awaitable[object]]) -> None:
         """Run a connection task; any error closes this connection only."""
@@ -369,26 +626,103 @@ class _Connection:
         except Exception:
             self.fail()
 
+    async def _watch_sends(self) -> None:
+        with self.send_timer:
+            await trio.sleep_forever()
+        self.finish(
+            CloseCode.SLOW_CONSUMER,
+            f"slow consumer: not reading for {self.config.send_timeout:g} s; "
+            f"reconnect with after=<last id you have>",
+        )
+
+    async def _keep_alive(self) -> None:
+        """Ping a client silent for half of idle_timeout; close it if the pong does not come."""
+        half = self.config.idle_timeout / 2
+        while True:
+            await trio.sleep_until(self.last_heard + half)
+            if trio.current_time() < self.last_heard + half:
+                continue  # heard from it in the meantime
+            with trio.move_on_after(half) as waiting:
+                await self.ws.ping()
+            if waiting.cancelled_caught:
+                self.finish(
+                    CloseCode.GOING_AWAY,
+                    f"idle: no answer to a ping within {self.config.idle_timeout:g} s",
+                )
+                return
+            self.last_heard = trio.current_time()
+
+    async def _expire(self, expires_at: float) -> None:
+        await trio.sleep(max(0.0, expires_at - time.time()))
+        await self.refuse(
+            ProtocolError(
+                ErrorCode.UNAUTHORIZED,
+                "your token has expired; reconnect with a fresh token and after=<last id you have>",
+            ),
+            CloseCode.POLICY,
+        )
+
     async def _read(self, stream: EventStream) -> None:
         max_bytes = self.config.max_message_bytes
         while True:
             data = await self.ws.get_message()
+            self.last_heard = trio.current_time()
             try:
                 if isinstance(data, bytes):
                     raise binary_frame_error(len(data))
                 message = parse_client_message(data, max_bytes=max_bytes)
             except ProtocolError as exc:
-                await self.send(exc.to_message())
                 if exc.code is ErrorCode.TOO_LARGE:
-                    self.finish(CloseCode.TOO_BIG, "message too big")
+                    await self.refuse(exc, CloseCode.TOO_BIG)
                     return
+                self.note_refused(exc.code)
+                await self.send(exc.to_message())
                 continue
             if isinstance(message, Ping):
                 await self.send(Pong(message.req))
             else:
                 await self._publish(stream, message)
 
+    def _take_publish_token(self) -> bool:
+        """Token bucket: ``publish_burst`` at once, ``publish_rate`` per second sustained."""
+        now = trio.current_time()
+        config = self.config
+        self.publish_tokens = min(
+            float(config.publish_burst),
+            self.publish_tokens + (now - self.publish_refilled) * config.publish_rate,
+        )
+        self.publish_refilled = now
+        if self.publish_tokens < 1.0:
+            return False
+        self.publish_tokens -= 1.0
+        return True
+
     async def _publish(self, stream: EventStream, message: Publish) -> None:
+        assert self.grant is not None
+        stream_id = self.request.stream_id
+        refusal: Error | None
+        if not self.grant.allows(stream_id, Permission.PUBLISH):
+            refusal = Error(
+                ErrorCode.FORBIDDEN,
+                f"your token does not allow publishing to stream {stream_id!r}",
+                message.req,
+            )
+        elif not self._take_publish_token():
+            refusal = Error(
+                ErrorCode.RATE_LIMITED,
+                f"over the publish rate limit ({self.config.publish_rate:g}/s, burst "
+                f"{self.config.publish_burst}); wait and publish again",
+                message.req,
+            )
+        else:
+            refusal = await self._try_publish(stream, message)
+            if refusal is None:
+                return
+        self.note_refused(refusal.code)
+        await self.send(refusal)
+
+    async def _try_publish(self, stream: EventStream, message: Publish) -> Error | None:
+        """Publish and send the ``ack``; or the ``error`` to send instead."""
         try:
             event = await stream.publish(
                 message.payload,
@@ -398,16 +732,14 @@ class _Connection:
                 hidden=message.hidden,
             )
         except EventTooLarge as exc:
-            await self.send(Error(ErrorCode.TOO_LARGE, str(exc), message.req))
+            return Error(ErrorCode.TOO_LARGE, str(exc), message.req)
         except StreamClosed:
-            await self.send(
-                Error(
-                    ErrorCode.INTERNAL,
-                    "the stream is closing; reconnect and publish again",
-                    message.req,
-                )
+            return Error(
+                ErrorCode.INTERNAL,
+                "the stream is closing; reconnect and publish again",
+                message.req,
             )
         except (ValueError, EventEncodeError) as exc:
-            await self.send(Error(ErrorCode.BAD_REQUEST, str(exc), message.req))
-        else:
-            await self.send(Ack(message.req, event.id))
+            return Error(ErrorCode.BAD_REQUEST, str(exc), message.req)
+        await self.send(Ack(message.req, event.id))
+        return None
