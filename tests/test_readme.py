@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
-import pytest
+import trio
+
+import trio_events as te
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,13 +36,37 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in ci_lines
 
 
-def test_main_job_command_is_a_cli_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trio_events.cli import main
-
-    monkeypatch.chdir(tmp_path)  # the demo writes its data directory here
+async def test_main_job_command_serves_publishes_and_stops_cleanly(tmp_path: Path) -> None:
     main_job, _ = quick_start_commands()
     subcommand = main_job.split("trio-events", 1)[1].split()
-    assert main(subcommand) == 0
+    assert subcommand[:1] == ["serve"], main_job
+    # The README's command as it is, in a fresh directory; only the port is left to the system.
+    command = [sys.executable, "-m", "trio_events.cli", *subcommand, "--port", "0"]
+    run = partial(trio.run_process, command, cwd=tmp_path, stdout=subprocess.PIPE, check=False)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server: trio.Process = await nursery.start(run)
+            assert server.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                data = await server.stdout.receive_some()
+                assert data, f"the server exited before it was ready: {line!r}"
+                line += data
+            ready = re.search(r"serving streams on (ws://\S+)/v1/streams/ID", line.decode())
+            assert ready, line
+            async with te.connect(f"{ready[1]}/v1/streams/readme") as conn:
+                event_id = await conn.publish({"content": "hi"}, source="user", type="t")
+                event = await anext(conn)
+            assert (event.id, event.payload) == (event_id, {"content": "hi"})
+            server.send_signal(signal.SIGTERM)
+            assert await server.wait() == 0
+    store = te.LogStore(tmp_path / "trio-events-data")
+    try:
+        async with te.open_event_stream("readme", store=store) as stream:
+            stored = [(e.id, e.type, e.payload) async for e in stream.search_events()]
+    finally:
+        await store.aclose()
+    assert stored == [(event_id, "t", {"content": "hi"})]
 
 
 def test_readme_python_example_runs() -> None:

@@ -5,7 +5,12 @@
   nothing, a late subscriber replaying history, secret masking, search. Run it twice: the second
   run finds the first run's events on disk.
 - ``trio-events serve`` serves streams over WebSocket protocol v1 (docs/protocol.md) from a
-  `LogStore` in ``--data-dir``, until SIGINT or SIGTERM.
+  `LogStore` in ``--data-dir``, until SIGINT or SIGTERM; ``--tokens-file``, ``--tokens-env``,
+  ``--jwt-secret-file`` and ``--jwt-secret-env`` make it check tokens.
+- ``trio-events tail URL`` follows a served stream with the Python client and prints each event
+  on a line (``--json``: its wire JSON, for ``jq``); ``trio-events publish URL --type T
+  --payload JSON`` publishes one event and prints its id. Their token is read from the
+  environment variable named by ``--token-env`` (default ``TRIO_EVENTS_TOKEN``), never from argv.
 - ``trio-events import-openhands ROOT SID --data-dir DIR`` copies an OpenHands conversation into
   a stream; ``trio-events export-openhands STREAM ROOT --data-dir DIR`` writes one back out.
 """
@@ -17,18 +22,19 @@ import ipaddress
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
+import orjson
 import trio
-import trio.testing
 
 from . import __version__
 from .errors import TrioEventsError
-from .events import Event, EventSource, PayloadRegistry
+from .events import Event, EventSource, PayloadRegistry, encode_event
 from .filters import EventFilter
 from .hub import open_event_hub
 from .openhands import export_conversation, import_conversation
@@ -37,11 +43,20 @@ from .store.log import LogStore
 from .store.memory import MemoryStore
 from .stream import open_event_stream
 from .subscribers import Overflow
+from .wire.auth import AnyOf, AuthConfigError, Authenticator, JwtAuthenticator, StaticTokens
+from .wire.client import Backoff, EventsLost, connect
 from .wire.server import serve_streams
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["main"]
 
 DEFAULT_DATA_DIR = "./trio-events-data"
+DEFAULT_PORT = 8765
+#: The environment variable a client command reads its token from, unless ``--token-env``.
+DEFAULT_TOKEN_ENV = "TRIO_EVENTS_TOKEN"
+DEFAULT_RETRIES = 8
 
 
 @attrs.frozen
@@ -140,6 +155,9 @@ async def _demo(store: EventStore, where: str, events: int) -> None:
 
 async def _settle() -> None:
     """Wait until the stream's tasks have nothing left to do (demo pacing only)."""
+    # Imported here: trio.testing imports pytest, a noticeable start-up cost for every command.
+    import trio.testing
+
     await trio.testing.wait_all_tasks_blocked()
 
 
@@ -177,19 +195,56 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _authenticator(args: argparse.Namespace) -> tuple[Authenticator | None, str]:
+    """The server's authenticator from the ``serve`` flags, and a description for its banner.
+
+    Static tokens come first, then JWT secrets (`AnyOf` tries them in this order). Raises
+    `AuthConfigError` (whose message names the file or variable, never a secret) for an unusable
+    source.
+    """
+    authenticators: list[Authenticator] = []
+    described: list[str] = []
+    if args.tokens_file is not None:
+        authenticators.append(StaticTokens.from_file(args.tokens_file))
+        described.append(f"tokens file {args.tokens_file}")
+    if args.tokens_env is not None:
+        authenticators.append(StaticTokens.from_env(args.tokens_env))
+        described.append(f"tokens in ${args.tokens_env}")
+    if args.jwt_secret_file is not None:
+        origin = f"the JWT secret file {args.jwt_secret_file}"
+        try:
+            secret = Path(args.jwt_secret_file).read_bytes()
+        except OSError as exc:
+            raise AuthConfigError(
+                f"{args.jwt_secret_file}: cannot read the JWT secret file: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
+        # Files written with `echo` or an editor end with a newline that is not the secret's.
+        secret = secret.removesuffix(b"\n").removesuffix(b"\r")
+        authenticators.append(JwtAuthenticator(secret, origin=origin))
+        described.append(f"JWTs (secret file {args.jwt_secret_file})")
+    if args.jwt_secret_env is not None:
+        authenticators.append(JwtAuthenticator.from_env(args.jwt_secret_env))
+        described.append(f"JWTs (secret in ${args.jwt_secret_env})")
+    if not authenticators:
+        return None, "none"
+    auth = authenticators[0] if len(authenticators) == 1 else AnyOf(*authenticators)
+    return auth, ", ".join(described)
+
+
+async def _serve(args: argparse.Namespace, auth: Authenticator | None, auth_text: str) -> None:
     store: EventStore = MemoryStore() if args.memory else LogStore(args.data_dir)
     try:
         async with open_event_hub(store=store, idle_timeout=args.idle_timeout) as hub:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     port = await nursery.start(
-                        partial(serve_streams, hub, host=args.host, port=args.port)
+                        partial(serve_streams, hub, host=args.host, port=args.port, auth=auth)
                     )
                     where = "memory" if args.memory else args.data_dir
                     print(
                         f"serving streams on ws://{args.host}:{port}/v1/streams/ID "
-                        f"(store: {where}); Ctrl+C to stop",
+                        f"(store: {where}; auth: {auth_text}); Ctrl+C to stop",
                         flush=True,
                     )
                     async for signum in signals:
@@ -239,6 +294,196 @@ async def _export(args: argparse.Namespace) -> None:
     print(f"exported {count} events of stream {args.stream!r} to {args.root} as {sid!r}")
 
 
+# --- tail and publish -------------------------------------------------------------------------
+
+
+def _token(command: str, token_env: str | None) -> str | None:
+    """The token from the environment: never from argv, where ``ps`` and shell history show it.
+
+    Raises `SystemExit` (exit 2) when ``--token-env`` names an unset or empty variable. The
+    token itself is never printed.
+    """
+    if token_env is None:
+        return os.environ.get(DEFAULT_TOKEN_ENV) or None
+    value = os.environ.get(token_env)
+    if not value:
+        print(
+            f"trio-events {command}: --token-env {token_env}: the environment variable is not "
+            f"set or is empty; export it with your token, or leave --token-env out to send none",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return value
+
+
+def _after(text: str) -> int | Literal["latest"]:
+    if text == "latest":
+        return "latest"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not -1, 'latest' or an event id >= 0")
+    return value
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _payload(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {_short(text)}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+        example = text if len(text) <= 60 else "..."
+        raise argparse.ArgumentTypeError(
+            f'must be a JSON object, not {kind}: wrap the value, e.g. {{"value": {example}}}'
+        )
+    return value
+
+
+def _backoff(retries: int) -> Backoff:
+    return Backoff(max_attempts=retries)
+
+
+async def _until_signal(body: Callable[[], Awaitable[None]]) -> None:
+    """Run `body` until it returns or SIGINT/SIGTERM cancels it (a graceful stop, no error).
+
+    An exception of `body` propagates as itself, not wrapped in an exception group.
+    """
+    error: Exception | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal error
+                try:
+                    await body()
+                except Exception as exc:
+                    error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    if error is not None:
+        raise error
+
+
+@attrs.define
+class _Printer:
+    """Writes events to stdout, one line each: plain when piped, styled on a terminal.
+
+    Attributes:
+        json: Print each event's wire JSON instead.
+        console: On a terminal, the rich console that styles each line and cuts it to the
+            terminal's width; None for plain lines (a pipe or a file gets them whole).
+    """
+
+    json: bool
+    console: Console | None = None
+
+    def show(self, event: Event) -> None:
+        if self.json:
+            print(encode_event(event).decode(), flush=True)
+            return
+        stamp = event.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        # The payload as compact JSON keeps the line one line: JSON escapes newlines.
+        payload = orjson.dumps(event.payload).decode()
+        notes = ("" if event.cause is None else f" (cause {event.cause})") + (
+            " [hidden]" if event.hidden else ""
+        )
+        if self.console is None:
+            print(
+                f"#{event.id} {stamp} {event.source.value:<11} {event.type} {payload}{notes}",
+                flush=True,
+            )
+            return
+        from rich.text import Text
+
+        # Text objects, not markup: a payload's "[...]" must not be read as style.
+        line = Text.assemble(
+            (f"#{event.id}", "bold"),
+            " ",
+            (stamp, "dim"),
+            " ",
+            (f"{event.source.value:<11}", "cyan"),
+            " ",
+            (event.type, "magenta"),
+            " ",
+            payload,
+            (notes, "dim"),
+        )
+        self.console.print(line, no_wrap=True, overflow="ellipsis")
+
+
+async def _tail(args: argparse.Namespace, token: str | None) -> None:
+    console = None
+    if not args.json and sys.stdout.isatty():
+        from rich.console import Console
+
+        console = Console(highlight=False)
+    printer = _Printer(json=args.json, console=console)
+
+    async def follow() -> None:
+        shown = 0
+        async with connect(
+            args.url, after=args.after, token=token, backoff=_backoff(args.retries)
+        ) as conn:
+            while True:
+                try:
+                    async for event in conn:
+                        printer.show(event)
+                        shown += 1
+                        if shown == args.limit:
+                            return
+                    return  # the server closed the stream normally (1000)
+                except EventsLost as lost:
+                    # Visible, and not fatal: the iteration goes on after the gap.
+                    print(f"trio-events tail: warning: {lost}", file=sys.stderr, flush=True)
+
+    await _until_signal(follow)
+
+
+async def _publish(args: argparse.Namespace, token: str | None) -> None:
+    async with connect(
+        args.url,
+        after="latest",
+        token=token,
+        backoff=_backoff(args.retries),
+        publish_timeout=args.timeout,
+    ) as conn:
+        event_id = await conn.publish(
+            args.payload,
+            source=args.source,
+            type=args.type,
+            cause=args.cause,
+            hidden=args.hidden,
+        )
+    print(event_id, flush=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-events", description="An actor-model event dispatcher on Trio."
@@ -267,7 +512,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--memory", action="store_true", help="keep streams in memory only")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any)")
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)"
+    )
     serve.add_argument(
         "--idle-timeout",
         type=float,
@@ -275,9 +522,76 @@ def _parser() -> argparse.ArgumentParser:
         help="close a stream this many seconds after its last client left (30)",
     )
     serve.add_argument(
+        "--tokens-file",
+        metavar="PATH",
+        help='check static tokens listed in this JSON file ({"tokens": [...]}, docs/protocol.md)',
+    )
+    serve.add_argument(
+        "--tokens-env", metavar="VAR", help="check static tokens from the JSON in this variable"
+    )
+    serve.add_argument(
+        "--jwt-secret-file", metavar="PATH", help="check HS256 JWTs signed with the secret in PATH"
+    )
+    serve.add_argument(
+        "--jwt-secret-env",
+        metavar="VAR",
+        help="check HS256 JWTs signed with the secret in this environment variable",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback address although clients are not authenticated",
+        help="allow a non-loopback address without any of the token options above",
+    )
+
+    url_help = "the stream's URL, ws://HOST:PORT/v1/streams/STREAM_ID (filter parameters allowed)"
+    token_help = (
+        f"read the token from this environment variable (default {DEFAULT_TOKEN_ENV}, sent if "
+        f"set); a token is never taken as an argument"
+    )
+    retries_help = (
+        f"reconnect attempts in a row before giving up (default {DEFAULT_RETRIES}; "
+        f"0: the first failure is final)"
+    )
+    tail = commands.add_parser("tail", help="print a served stream's events as they come")
+    tail.add_argument("url", help=url_help)
+    tail.add_argument(
+        "--after",
+        type=_after,
+        default=-1,
+        help="the last event id you have: -1 (default) for all history, 'latest' for new only",
+    )
+    tail.add_argument(
+        "--json", action="store_true", help="print each event's wire JSON, one per line"
+    )
+    tail.add_argument("--limit", type=_at_least(1), help="exit after this many events")
+    tail.add_argument("--token-env", metavar="VAR", help=token_help)
+    tail.add_argument("--retries", type=_at_least(0), default=DEFAULT_RETRIES, help=retries_help)
+
+    pub = commands.add_parser("publish", help="publish one event to a served stream")
+    pub.add_argument("url", help=url_help)
+    pub.add_argument("--type", required=True, help="the event type, e.g. chat.message")
+    pub.add_argument(
+        "--payload",
+        type=_payload,
+        required=True,
+        metavar="JSON",
+        help='the payload, a JSON object, e.g. \'{"content": "hi"}\'',
+    )
+    pub.add_argument(
+        "--source",
+        choices=[source.value for source in EventSource],
+        default=EventSource.USER.value,
+        help="who produced it (default user)",
+    )
+    pub.add_argument("--cause", type=_at_least(0), help="the id of the event this one responds to")
+    pub.add_argument("--hidden", action="store_true", help="mark the event hidden")
+    pub.add_argument("--token-env", metavar="VAR", help=token_help)
+    pub.add_argument("--retries", type=_at_least(0), default=DEFAULT_RETRIES, help=retries_help)
+    pub.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the connection and the answer (default 30)",
     )
 
     secret_help = "mask the value of this environment variable (repeatable)"
@@ -318,17 +632,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store = LogStore(args.data_dir)
                 trio.run(_run_and_close, store, args.data_dir, args.events)
         elif args.command == "serve":
-            if not _is_loopback(args.host) and not args.insecure:
+            auth, auth_text = _authenticator(args)
+            if auth is None and not _is_loopback(args.host) and not args.insecure:
                 parser.error(
-                    f"refusing to listen on {args.host}: clients are not authenticated yet, so "
-                    f"anyone who can reach it could read and publish; listen on 127.0.0.1, or "
-                    f"pass --insecure if that is really what you want"
+                    f"refusing to listen on {args.host} without authentication: anyone who can "
+                    f"reach it could read and publish every stream. Check tokens with "
+                    f"--tokens-file, --tokens-env, --jwt-secret-file or --jwt-secret-env, listen "
+                    f"on 127.0.0.1, or pass --insecure if that is really what you want"
                 )
-            trio.run(_serve, args)
+            trio.run(_serve, args, auth, auth_text)
+        elif args.command == "tail":
+            trio.run(_tail, args, _token(args.command, args.token_env))
+        elif args.command == "publish":
+            if not args.timeout > 0:
+                parser.error("--timeout must be a number of seconds > 0")
+            trio.run(_publish, args, _token(args.command, args.token_env))
         elif args.command == "import-openhands":
             trio.run(_import, args)
         else:
             trio.run(_export, args)
+    except KeyboardInterrupt:
+        # Ctrl+C where no graceful stop is defined (tail and serve stop cleanly with exit 0).
+        note = ": the event may or may not have been stored" if args.command == "publish" else ""
+        print(f"trio-events {args.command}: interrupted{note}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``trio-events tail URL | head``): stop quietly. Python would
+        # complain again when flushing stdout at exit, so point it elsewhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (TrioEventsError, ValueError, OSError) as exc:
         print(f"trio-events {args.command}: {exc}", file=sys.stderr)
         return 1
