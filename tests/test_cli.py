@@ -594,3 +594,33 @@ def test_serve_refuses_an_unusable_auth_configuration(
     assert error.startswith("trio-events serve: ")
     assert message in error
     assert "too-short-secret" not in error
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-connections", "0"], "max-connections"),
+        (["--publish-rate", "-1"], "publish-rate"),
+        (["--client-idle-timeout", "nan"], "idle-timeout"),
+    ],
+)
+def test_serve_refuses_a_bad_limit_with_exit_2(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--memory", "--port", "0", *flags])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_limit_flags_become_the_server_config() -> None:
+    from trio_events.cli import _parser, _server_config
+    from trio_events.wire.server import ServerConfig
+
+    args = _parser().parse_args(
+        ["serve", "--max-connections", "7", "--publish-rate", "2.5", "--client-idle-timeout", "9"]
+    )
+    assert _server_config(args) == ServerConfig(
+        max_connections=7, publish_rate=2.5, idle_timeout=9.0
+    )
+    assert _server_config(_parser().parse_args(["serve"])) == ServerConfig()

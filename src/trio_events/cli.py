@@ -45,7 +45,7 @@ from .stream import open_event_stream
 from .subscribers import Overflow
 from .wire.auth import AnyOf, AuthConfigError, Authenticator, JwtAuthenticator, StaticTokens
 from .wire.client import Backoff, EventsLost, connect
-from .wire.server import serve_streams
+from .wire.server import ServerConfig, serve_streams
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -232,14 +232,64 @@ def _authenticator(args: argparse.Namespace) -> tuple[Authenticator | None, str]
     return auth, ", ".join(described)
 
 
-async def _serve(args: argparse.Namespace, auth: Authenticator | None, auth_text: str) -> None:
+#: `ServerConfig` fields as ``serve`` flags: the flag (when not the field's name) and its help.
+#: ``--idle-timeout`` already means the hub's stream idle time, hence ``--client-idle-timeout``.
+_LIMIT_FLAGS: dict[str, tuple[str | None, str]] = {
+    "max_message_bytes": (None, "largest client frame (bytes)"),
+    "send_timeout": (None, "seconds a client may not read before it is closed with 4008"),
+    "close_timeout": (None, "seconds for a closing handshake"),
+    "handshake_timeout": (None, "seconds from TCP connect to a complete upgrade request"),
+    "idle_timeout": ("--client-idle-timeout", "seconds a client may not answer pings"),
+    "max_connections": (None, "open connections in all (1013 beyond)"),
+    "max_connections_per_address": (None, "open connections per client IP (1013 beyond)"),
+    "publish_rate": (None, "sustained publishes per second per connection"),
+    "publish_burst": (None, "publishes a connection may send at once"),
+    "subscriber_buffer": (None, "events queued per connection before it catches up from the store"),
+    "max_frame_events": (None, "events per frame, at most"),
+    "max_frame_bytes": (None, "bytes per frame, at most"),
+}
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection limits (defaults: docs/protocol.md, Limits)")
+    for field in attrs.fields(ServerConfig):
+        flag, help_text = _LIMIT_FLAGS[field.name]
+        group.add_argument(
+            flag or "--" + field.name.replace("_", "-"),
+            dest=f"limit_{field.name}",
+            type=int if field.type in (int, "int") else float,
+            metavar="N" if field.type in (int, "int") else "X",
+            help=f"{help_text} (default {field.default})",
+        )
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    """The `ServerConfig` of the limit flags given (`ValueError` for a bad value)."""
+    given = {
+        field.name: getattr(args, f"limit_{field.name}")
+        for field in attrs.fields(ServerConfig)
+        if getattr(args, f"limit_{field.name}") is not None
+    }
+    return ServerConfig(**given)
+
+
+async def _serve(
+    args: argparse.Namespace, auth: Authenticator | None, auth_text: str, config: ServerConfig
+) -> None:
     store: EventStore = MemoryStore() if args.memory else LogStore(args.data_dir)
     try:
         async with open_event_hub(store=store, idle_timeout=args.idle_timeout) as hub:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     port = await nursery.start(
-                        partial(serve_streams, hub, host=args.host, port=args.port, auth=auth)
+                        partial(
+                            serve_streams,
+                            hub,
+                            host=args.host,
+                            port=args.port,
+                            config=config,
+                            auth=auth,
+                        )
                     )
                     where = "memory" if args.memory else args.data_dir
                     print(
@@ -542,6 +592,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback address without any of the token options above",
     )
+    _add_limit_flags(serve)
 
     url_help = "the stream's URL, ws://HOST:PORT/v1/streams/STREAM_ID (filter parameters allowed)"
     token_help = (
@@ -640,7 +691,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--tokens-file, --tokens-env, --jwt-secret-file or --jwt-secret-env, listen "
                     f"on 127.0.0.1, or pass --insecure if that is really what you want"
                 )
-            trio.run(_serve, args, auth, auth_text)
+            try:
+                config = _server_config(args)
+            except ValueError as exc:
+                parser.error(str(exc).replace("_", "-"))
+            trio.run(_serve, args, auth, auth_text, config)
         elif args.command == "tail":
             trio.run(_tail, args, _token(args.command, args.token_env))
         elif args.command == "publish":
