@@ -13,14 +13,15 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import trio_events as te
@@ -83,6 +84,18 @@ def mem_path(tmp_path: Path) -> Iterator[Path]:
 
 def segments_of(root: Path, stream: str = "s") -> list[Path]:
     return sorted((root / "streams" / stream).glob("*.seg"))
+
+
+def index_files_of(root: Path, stream: str = "s") -> list[Path]:
+    return sorted((root / "streams" / stream).glob("*.idx"))
+
+
+def as_after_a_crash(segment: Path, data: bytes) -> None:
+    """Give `segment` the bytes `data`, as a crash may leave it: a crash never leaves a
+    clean-close index file (the first change of a session removes it), so none is kept."""
+    segment.write_bytes(data)
+    for index_file in index_files_of(segment.parent.parent.parent, segment.parent.name):
+        index_file.unlink()
 
 
 # --- pure framing -------------------------------------------------------------------------------
@@ -227,7 +240,7 @@ async def test_truncating_the_last_records_at_every_offset_keeps_exactly_the_val
     store = LogStore(mem_path)
     complete = [(SEGMENT_HEADER_SIZE, -1), *ends]
     for cut in range(SEGMENT_HEADER_SIZE, len(data) + 1):  # every offset of every record
-        segment.write_bytes(data[:cut])
+        as_after_a_crash(segment, data[:cut])
         kept_end, kept_last = max(e for e in complete if e[0] <= cut)
         caplog.clear()
         with caplog.at_level(logging.WARNING, "trio_events.store.log"):
@@ -1269,6 +1282,10 @@ async def test_closing_a_clean_log_needs_no_thread_hop(
     store = LogStore(tmp_path)  # "fsync": every append is synced, so nothing is left to sync
     log = await store.open_stream("s", REG)
     await log.append(make_events(0, 3))
+    await log.aclose()  # writes the index file (a thread hop)
+    assert len(index_files_of(tmp_path)) == 1
+    # Opened from that index file and not changed: nothing to sync, nothing to write.
+    log = await store.open_stream("s", REG)
 
     async def no_threads(*args: object, **kwargs: object) -> None:
         raise AssertionError("a thread hop")
@@ -1506,3 +1523,385 @@ async def test_an_append_waits_for_a_thread_when_the_default_limiter_is_full(
         limiter.total_tokens = total
         busy.set()
     await log.aclose()
+
+
+# --- the clean-close index file: opening a cleanly closed stream does not scan it ----------------
+
+
+def spy_on_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the first id of every segment `scan_records` scans from now on."""
+    scans: list[int] = []
+    real = log_module.scan_records
+
+    def spy(buf: bytes | memoryview, start: int, first_id: int, stride: int = 32) -> object:
+        scans.append(first_id)
+        return real(buf, start, first_id, stride)
+
+    monkeypatch.setattr(log_module, "scan_records", spy)
+    return scans
+
+
+def state_of(log: LogStreamLog) -> tuple[int, list[int] | None, int]:
+    """What opening computes for the active segment: the last id, its sparse index, its size."""
+    active = log._segments[-1]
+    return log.last_id, list(active.index or []), active.size
+
+
+# 81 events in batches of 1, 40, 7 and 33: index entries at ids 0, 32 and 64, the last one
+# inside a batch, so the open checks records from the middle of a batch to the end.
+BATCHES = ((0, 1), (1, 40), (41, 7), (48, 33))
+ALL = make_events(0, 81, pad=5)
+
+
+async def write_clean(root: Path, **options: Any) -> tuple[int, list[int] | None, int]:
+    """Append `BATCHES` and close cleanly; return the state the appends built."""
+    log = await open_log(root, **options)
+    for first, count in BATCHES:
+        await log.append(ALL[first : first + count])
+    state = state_of(log)
+    await log.aclose()
+    return state
+
+
+@pytest.mark.parametrize("durability", ["fsync", "interval", "none"])
+async def test_a_clean_close_lets_the_next_open_load_the_index_instead_of_scanning(
+    tmp_path: Path,
+    durability: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    options: dict[str, Any] = {"durability": durability, "cache_events": 0}
+    appended = await write_clean(tmp_path, **options)
+    [index_file] = index_files_of(tmp_path)
+    assert index_file.name == "00000000000000000000.idx"
+    scans = spy_on_scans(monkeypatch)
+    with caplog.at_level(logging.WARNING, "trio_events.store.log"):
+        log = await open_log(tmp_path, **options)
+    assert scans == []
+    assert not caplog.records
+    assert log.recovery is None
+    loaded = state_of(log)
+    raw = (await log.read_raw(0)).bodies
+    assert await read_all(log) == ALL
+    await log.aclose()
+    assert index_files_of(tmp_path) == [index_file]  # unchanged: it still describes the segment
+    # An old store (no index file) opens by the scan, to the same state; its clean close then
+    # writes the index file.
+    index_file.unlink()
+    log = await open_log(tmp_path, **options)
+    assert scans == [0]
+    assert state_of(log) == loaded == appended
+    assert (await log.read_raw(0)).bodies == raw == [te.encode_event(e) for e in ALL]
+    await log.aclose()
+    assert index_files_of(tmp_path) == [index_file]
+    # Appends continue a loaded log densely, and are found again.
+    log = await open_log(tmp_path, **options)
+    await log.append(make_events(81, 2))
+    await log.aclose()
+    log = await open_log(tmp_path, **options)
+    assert scans == [0]
+    assert await read_all(log) == [*ALL, *make_events(81, 2)]
+    await log.aclose()
+
+
+async def test_the_index_file_is_removed_durably_before_the_first_write_so_a_crash_scans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await write_clean(tmp_path)
+    [index_file] = index_files_of(tmp_path)
+    scans = spy_on_scans(monkeypatch)
+    log = await open_log(tmp_path)
+    assert scans == []
+    ops: list[str] = []
+    real_fsync_dir, real_write_all = log_module._fsync_dir, log_module._write_all
+
+    def fsync_dir(path: Path) -> None:
+        ops.append("directory synced" if not index_file.exists() else "directory synced early")
+        real_fsync_dir(path)
+
+    def write_all(fd: int, data: bytes, offset: int) -> None:
+        ops.append("write")
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(log_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(log_module, "_write_all", write_all)
+    await log.append(make_events(81, 1))
+    await log.append(make_events(82, 1))
+    assert ops == ["directory synced", "write", "write"]
+    monkeypatch.setattr(log_module, "_fsync_dir", real_fsync_dir)
+    monkeypatch.setattr(log_module, "_write_all", real_write_all)
+    # A crash now leaves no index file: the next open scans (and would cut a torn tail).
+    abandon(log)
+    assert index_files_of(tmp_path) == []
+    log = await open_log(tmp_path)
+    assert scans == [0]
+    assert await read_all(log) == [*ALL, *make_events(81, 2)]
+    await log.aclose()
+
+
+async def test_a_crash_that_changed_nothing_keeps_the_index_file_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    appended = await write_clean(tmp_path)
+    scans = spy_on_scans(monkeypatch)
+    log = await open_log(tmp_path)
+    assert await read_all(log) == ALL  # reads change nothing
+    abandon(log)
+    log = await open_log(tmp_path)
+    assert scans == []
+    assert state_of(log) == appended
+    await log.aclose()
+
+
+async def test_a_roll_removes_the_index_file_and_a_clean_close_indexes_the_new_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await write_clean(tmp_path)
+    [segment] = segments_of(tmp_path)
+    assert segment.stat().st_size > 4096
+    scans = spy_on_scans(monkeypatch)
+    log = await open_log(tmp_path, segment_bytes=4096)
+    await log.append(make_events(81, 3))  # the segment is full: this rolls first
+    assert index_files_of(tmp_path) == []
+    assert len(segments_of(tmp_path)) == 2
+    await log.aclose()
+    assert [p.name for p in index_files_of(tmp_path)] == [f"{81:020d}.idx"]
+    log = await open_log(tmp_path, segment_bytes=4096, cache_events=0)
+    assert scans == []
+    assert await read_all(log) == [*ALL, *make_events(81, 3)]
+    await log.aclose()
+
+
+def _rewrite_index(path: Path, **fields: int) -> None:
+    """Change fields of an index file's head, and give it a matching checksum again."""
+    data = bytearray(path.read_bytes())
+    names = ("magic", "first_id", "size", "last_id", "last_crc", "count")
+    head = dict(zip(names, log_module._INDEX_HEAD.unpack_from(data, 0), strict=True))
+    head.update(fields)
+    log_module._INDEX_HEAD.pack_into(data, 0, *head.values())
+    data[-4:] = zlib.crc32(data[:-4]).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def _last_record(segment: Path) -> tuple[int, bytes]:
+    data = segment.read_bytes()
+    off = SEGMENT_HEADER_SIZE
+    while (rec := decode_record(data, off)) is not None and rec[2] < len(data):
+        off = rec[2]
+    return off, data[off:]
+
+
+def _same_size_other_last_record(segment: Path, index_file: Path) -> None:
+    off, record = _last_record(segment)
+    body = record[RECORD_HEADER_SIZE:].replace(b'"i":80', b'"i":79')
+    assert len(body) == len(record) - RECORD_HEADER_SIZE
+    with open(segment, "r+b") as f:
+        f.seek(off)
+        f.write(encode_record(80, body, FLAG_BATCH_END))
+
+
+STALE: dict[str, Callable[[Path, Path], object]] = {
+    "segment longer": lambda seg, idx: seg.write_bytes(seg.read_bytes() + b"\x00" * 5),
+    "segment shorter": lambda seg, idx: seg.write_bytes(seg.read_bytes()[:-1]),
+    "last record other checksum": _same_size_other_last_record,
+    "last id differs": lambda seg, idx: _rewrite_index(idx, last_id=79),
+    "recorded checksum differs": lambda seg, idx: _rewrite_index(idx, last_crc=12345),
+    "size differs": lambda seg, idx: _rewrite_index(idx, size=seg.stat().st_size - 1),
+    "an offset wrong": lambda seg, idx: _rewrite_index(idx, count=2),
+    "index file damaged": lambda seg, idx: idx.write_bytes(
+        idx.read_bytes()[:20] + b"\xff" + idx.read_bytes()[21:]
+    ),
+    "index file truncated": lambda seg, idx: idx.write_bytes(idx.read_bytes()[:-3]),
+    "index file empty": lambda seg, idx: idx.write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("change", sorted(STALE))
+async def test_an_index_file_that_does_not_describe_the_segment_falls_back_to_the_scan(
+    tmp_path: Path,
+    change: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await write_clean(tmp_path)
+    [segment] = segments_of(tmp_path)
+    [index_file] = index_files_of(tmp_path)
+    STALE[change](segment, index_file)
+    # What a scan finds in the same bytes, from a copy without the index file.
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "streams", copy / "streams")
+    (copy / "streams" / "s" / index_file.name).unlink()
+    log = await open_log(copy, cache_events=0)
+    scanned, raw = state_of(log), (await log.read_raw(0)).bodies
+    await log.aclose()
+    scans = spy_on_scans(monkeypatch)
+    with caplog.at_level(logging.WARNING, "trio_events.store.log"):
+        log = await open_log(tmp_path, cache_events=0)
+    assert scans == [0]
+    assert f"ignoring the index file {index_file}" in caplog.text
+    assert f"scanning {segment} instead" in caplog.text
+    assert not index_file.exists()  # removed before anything could change the segment
+    assert state_of(log) == scanned
+    assert (await log.read_raw(0)).bodies == raw
+    await log.aclose()
+    assert index_files_of(tmp_path) == [index_file]  # rewritten by the clean close, valid
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "trio_events.store.log"):
+        log = await open_log(tmp_path)
+    assert scans == [0]
+    assert not caplog.records
+    assert state_of(log) == scanned
+    await log.aclose()
+
+
+async def test_damage_in_the_middle_of_a_cleanly_closed_segment_is_found_by_the_read(
+    tmp_path: Path,
+) -> None:
+    """Loading the index file checks the tail only: damage before it (bit rot after a clean
+    close) is found when a read reaches it, as an error naming the file and the offset."""
+    await write_clean(tmp_path)
+    [segment] = segments_of(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE + 2] ^= 0x01  # event 0's body
+    segment.write_bytes(bytes(data))
+    log = await open_log(tmp_path, cache_events=0)
+    assert log.last_id == 80
+    with pytest.raises(CorruptLogError) as info:
+        await log.read_raw(0)
+    assert info.value.path == str(segment)
+    assert info.value.offset == SEGMENT_HEADER_SIZE
+    assert len((await log.read_raw(32)).bodies) == 49  # from the next indexed record: intact
+    await log.aclose()
+
+
+async def test_an_append_that_cannot_remove_the_index_file_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await write_clean(tmp_path)
+    [segment] = segments_of(tmp_path)
+    size = segment.stat().st_size
+    log = await open_log(tmp_path)
+    real = log_module._unlink_all
+
+    def failing_unlink_all(paths: list[Path], directory: Path) -> None:
+        raise OSError(errno.EIO, "injected", str(paths[0]))
+
+    monkeypatch.setattr(log_module, "_unlink_all", failing_unlink_all)
+    with pytest.raises(OSError, match="injected"):
+        await log.append(make_events(81, 1))
+    assert log.last_id == 80
+    assert segment.stat().st_size == size
+    assert len(index_files_of(tmp_path)) == 1  # still true: the segment did not change
+    monkeypatch.setattr(log_module, "_unlink_all", real)
+    await log.append(make_events(81, 1))  # the next append removes it, then writes
+    assert index_files_of(tmp_path) == []
+    await log.aclose()
+
+
+async def test_a_close_that_cannot_write_the_index_file_says_so_and_the_next_open_scans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = await open_log(tmp_path)  # "fsync": the index file is the close's only write
+    await log.append(ALL)
+
+    def no_space(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "injected", str(path))
+
+    monkeypatch.setattr(log_module, "_atomic_write", no_space)
+    with caplog.at_level(logging.WARNING, "trio_events.store.log"):
+        await log.aclose()  # best effort: the close itself succeeds
+    monkeypatch.undo()
+    assert "could not write the index file" in caplog.text
+    assert index_files_of(tmp_path) == []
+    scans = spy_on_scans(monkeypatch)
+    log = await open_log(tmp_path)
+    assert scans == [0]
+    assert await read_all(log) == ALL
+    await log.aclose()
+
+
+@pytest.mark.parametrize("option", ["verify", "salvage"])
+async def test_verify_and_salvage_scan_even_with_an_index_file(
+    tmp_path: Path, option: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    appended = await write_clean(tmp_path)
+    scans = spy_on_scans(monkeypatch)
+    log = await open_log(tmp_path, verify=option == "verify", salvage=option == "salvage")
+    assert scans == [0]
+    assert state_of(log) == appended
+    await log.aclose()
+
+
+async def test_index_files_of_other_segments_are_removed_on_open(tmp_path: Path) -> None:
+    await write_clean(tmp_path)
+    stray = tmp_path / "streams" / "s" / f"{7:020d}.idx"
+    stray.write_bytes(b"left by something else")
+    log = await open_log(tmp_path)
+    assert index_files_of(tmp_path) == [tmp_path / "streams" / "s" / f"{0:020d}.idx"]
+    assert state_of(log)[0] == 80
+    await log.aclose()
+
+
+@given(
+    durability=st.sampled_from(["fsync", "none"]),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 40)),
+            st.tuples(st.just("close"), st.just(0)),
+            st.tuples(st.just("crash"), st.just(0)),
+            st.tuples(st.just("torn"), st.integers(0, 99)),
+        ),
+        min_size=1,
+        max_size=14,
+    ),
+)
+# A crash that cuts a session's only batch back to the cleanly closed size: the same size as
+# the index file says, which must not be taken for clean (it was removed before the write).
+@example(durability="fsync", steps=[("append", 5), ("close", 0), ("append", 3), ("torn", 0)])
+@settings(max_examples=60, deadline=None)
+async def test_appends_closes_and_crashes_against_a_model(
+    durability: str, steps: list[tuple[str, int]]
+) -> None:
+    """Each reopen finds exactly the model's events; it scans exactly when the last session
+    changed the stream and did not close cleanly (or when no index file was ever written)."""
+    root = Path(tempfile.mkdtemp(dir=_shm_or_tmp()))
+    options: dict[str, Any] = {"durability": durability, "segment_bytes": 4096, "cache_events": 0}
+    model: list[te.Event] = []
+    indexed = False  # whether a valid index file describes the active segment
+    last_batch: tuple[Path, int, int, int] | None = None  # this session's last append
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            scans = spy_on_scans(monkeypatch)
+            log = await open_log(root, **options)
+            for op, arg in steps:
+                if op == "append":
+                    before = (len(log._segments), log._segments[-1].size if log._segments else 0)
+                    batch = make_events(len(model), arg, pad=arg)
+                    await log.append(batch)
+                    model.extend(batch)
+                    active = log._segments[-1]
+                    start = before[1] if len(log._segments) == before[0] else SEGMENT_HEADER_SIZE
+                    last_batch = (active.path, start, active.size, arg)
+                    indexed = False
+                    continue
+                if op == "close":
+                    await log.aclose()
+                    indexed = bool(model) and bool(log._segments[-1].index)
+                else:
+                    abandon(log)
+                    if op == "torn" and last_batch is not None:
+                        # The crash came while the last batch was being written: part of it
+                        # is on disk, and it was never acknowledged.
+                        path, start, end, count = last_batch
+                        os.truncate(path, start + (end - start) * arg // 100)
+                        del model[-count:]
+                last_batch = None
+                scans.clear()
+                log = await open_log(root, **options)
+                if log._segments and log._segments[-1].index:
+                    assert (scans == []) == indexed, (op, scans, indexed)
+                assert log.last_id == len(model) - 1
+                assert (await log.read_raw(0)).bodies == [te.encode_event(e) for e in model]
+            await log.aclose()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

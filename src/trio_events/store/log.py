@@ -6,6 +6,7 @@ The on-disk format, the recovery rules and what each durability mode can lose ar
     ROOT/streams/STREAM_ID/meta.json     {"format": "trio-events-log", "version": 1, "epoch": ..}
     ROOT/streams/STREAM_ID/LOCK          locked (lockf) by the process that has the stream open
     ROOT/streams/STREAM_ID/<first id:020d>.seg
+    ROOT/streams/STREAM_ID/<first id:020d>.idx   the last segment's index, from a clean close
 
     segment = header (magic "TEVSEG\\0\\1", u64 LE first id) + records
     record  = u32 crc | u32 length | u64 id | u32 flags | body (the event's JSON)
@@ -24,6 +25,7 @@ import fcntl
 import functools
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,7 +35,7 @@ import threading
 import time
 import uuid
 import zlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -55,6 +57,8 @@ __all__ = [
     "LogStreamLog",
     "RecoveryReport",
     "ScanResult",
+    "SyncLatency",
+    "SyncLatencySnapshot",
     "decode_record",
     "encode_record",
     "scan_records",
@@ -205,32 +209,48 @@ def scan_records(
     record that closes a batch. If the walk stops early, the rest is searched for a valid
     record that opens a later batch: finding one means the damage is not a torn tail.
     """
+    # `decode_record`'s checks, inlined: a call and a tuple per record cost as much as the
+    # checks themselves, and this runs over the whole active segment on every scanned open.
     size = len(buf)
+    view = memoryview(buf)
+    unpack = _RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    header = RECORD_HEADER_SIZE
+    unknown_flags = ~_KNOWN_FLAGS
     off = start
     expected = first_id
+    next_indexed = first_id
     valid_end = start
     last_id = first_id - 1
     index: list[int] = []
-    in_batch = False
+    want_start = FLAG_BATCH_START  # the BATCH_START bit the next record must have
     bad: int | None = None
     while off < size:
-        rec = decode_record(buf, off)
-        if rec is None:
+        if size - off < header:
             bad = off
             break
-        id_, flags, end = rec
-        if id_ != expected or bool(flags & FLAG_BATCH_START) == in_batch:
+        crc, length, id_, flags = unpack(buf, off)
+        end = off + header + length
+        if (
+            end > size
+            or id_ != expected
+            or flags & unknown_flags
+            or flags & FLAG_BATCH_START != want_start
+            or crc32(view[off + 4 : end]) != crc
+        ):
             bad = off
             break
-        if (id_ - first_id) % stride == 0:
+        if id_ == next_indexed:
             index.append(off)
+            next_indexed += stride
         expected += 1
-        in_batch = True
         off = end
         if flags & FLAG_BATCH_END:
-            in_batch = False
+            want_start = FLAG_BATCH_START
             valid_end = end
             last_id = id_
+        else:
+            want_start = 0
     if index and index[-1] >= valid_end:
         index = [o for o in index if o < valid_end]
     resumes_at = None if bad is None else _find_batch_start(buf, bad + 1, last_id)
@@ -259,6 +279,79 @@ def _find_batch_start(buf: bytes | memoryview, start: int, after_id: int) -> int
         ]
 
 
+# --- the clean-close index file ----------------------------------------------------------------
+#
+# ``<first id:020d>.idx`` next to the active segment, written by a clean close (after the final
+# sync) and removed durably before the next session's first change to the stream: while it
+# exists, the segment is exactly as that close left it, so an open may load it instead of
+# scanning. Layout in docs/storage.md ("The clean-close index").
+
+INDEX_MAGIC: Final = b"TEVIDX\x00\x01"
+_INDEX_HEAD: Final = struct.Struct("<8sQQQII")  # magic, first_id, size, last_id, last_crc, count
+_INDEX_NAME = re.compile(r"(\d{20})\.idx")
+
+
+def _index_name(first_id: int) -> str:
+    return f"{first_id:020d}.idx"
+
+
+def _encode_index(first_id: int, size: int, last_id: int, last_crc: int, index: list[int]) -> bytes:
+    """The bytes of an index file: head, the sparse index's offsets, CRC-32 of all before it."""
+    data = _INDEX_HEAD.pack(INDEX_MAGIC, first_id, size, last_id, last_crc, len(index))
+    data += struct.pack(f"<{len(index)}Q", *index)
+    return data + _U32.pack(zlib.crc32(data))
+
+
+class _StaleIndex(Exception):
+    """An index file that does not describe its segment as it is (the reason is the message)."""
+
+
+def _decode_index(data: bytes, first_id: int) -> tuple[int, int, int, list[int]]:
+    """Check an index file's bytes (of the segment whose first id is `first_id`); return its
+    ``(size, last_id, last_crc, index)``.
+
+    Raises:
+        _StaleIndex: truncated, a checksum mismatch, or fields that cannot describe the segment.
+    """
+    head = _INDEX_HEAD.size
+    if len(data) < head + _U32.size:
+        raise _StaleIndex(f"truncated ({len(data)} bytes)")
+    if zlib.crc32(memoryview(data)[:-4]) != _U32.unpack_from(data, len(data) - 4)[0]:
+        raise _StaleIndex("checksum mismatch")
+    magic, first, size, last_id, last_crc, count = _INDEX_HEAD.unpack_from(data, 0)
+    if magic != INDEX_MAGIC:
+        raise _StaleIndex(f"not a trio-events index file (magic {magic!r})")
+    if len(data) != head + 8 * count + _U32.size:
+        raise _StaleIndex(f"{len(data)} bytes for {count} offsets")
+    if first != first_id or last_id < first_id:
+        raise _StaleIndex(f"describes ids {first}..{last_id}, not a segment from {first_id}")
+    index = list(struct.unpack_from(f"<{count}Q", data, head))
+    if (
+        count != (last_id - first_id) // _INDEX_STRIDE + 1
+        or index[0] != SEGMENT_HEADER_SIZE
+        or any(a >= b for a, b in itertools.pairwise(index))
+        or index[-1] >= size
+    ):
+        raise _StaleIndex(f"its {count} offsets do not index ids {first_id}..{last_id}")
+    return size, last_id, last_crc, index
+
+
+def _walk_tail(buf: bytes, expected: int) -> tuple[int, int, int] | None:
+    """Walk the records filling `buf` exactly, with ids from `expected`: the last one's
+    ``(id, flags, crc)``, or None if a record is invalid (as `decode_record` checks, plus the
+    id) or the last one does not end exactly at the end of `buf`."""
+    off = 0
+    found = None
+    while off < len(buf):
+        rec = decode_record(buf, off)
+        if rec is None or rec[0] != expected:
+            return None
+        found = (rec[0], rec[1], _U32.unpack_from(buf, off)[0])
+        off = rec[2]
+        expected += 1
+    return found
+
+
 # --- file helpers (run in worker threads) ------------------------------------------------------
 
 
@@ -277,6 +370,61 @@ def _datasync(fd: int) -> None:
         os.fdatasync(fd)
     else:  # pragma: no cover
         os.fsync(fd)
+
+
+#: Upper bounds (seconds) of `SyncLatency`'s buckets: a local SSD syncs in well under a
+#: millisecond, a busy or network disk in tens or hundreds of milliseconds.
+_MS: Final = 0.001
+SYNC_LATENCY_BUCKETS: Final = tuple(
+    ms * _MS for ms in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+)
+
+
+@attrs.frozen(kw_only=True)
+class SyncLatencySnapshot:
+    """A snapshot of `SyncLatency`, in the shape of a Prometheus histogram.
+
+    Attributes:
+        buckets: ``(upper bound in seconds, syncs that took at most that long)``, cumulative,
+            the last bound being ``inf`` (its count is `count`).
+        count: Syncs observed.
+        sum_s: Their total duration, in seconds.
+    """
+
+    buckets: tuple[tuple[float, int], ...]
+    count: int
+    sum_s: float
+
+
+class SyncLatency:
+    """How long a `LogStore`'s data syncs took (every stream's): a histogram for monitoring.
+
+    Only successful syncs of appended data are observed (not the directory syncs of creating a
+    segment). Observed from the worker threads that sync, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._bounds = SYNC_LATENCY_BUCKETS
+        self._counts = [0] * (len(self._bounds) + 1)  # per bucket, the last one for > 2.5 s
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Count one sync that took `seconds`."""
+        i = bisect_left(self._bounds, seconds)
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += seconds
+
+    def snapshot(self) -> SyncLatencySnapshot:
+        """The counts so far (cumulative per bucket), consistent with each other."""
+        with self._lock:
+            counts = list(itertools.accumulate(self._counts))
+            total = self._sum
+        bounds = (*self._bounds, math.inf)
+        return SyncLatencySnapshot(
+            buckets=tuple(zip(bounds, counts, strict=True)), count=counts[-1], sum_s=total
+        )
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -444,6 +592,7 @@ class LogStreamLog:
         segments: list[_Segment],
         last_id: int,
         recovery: RecoveryReport | None,
+        index_file: Path | None = None,
     ) -> None:
         self._store = store
         self.stream_id = stream_id
@@ -472,6 +621,9 @@ class LogStreamLog:
         self._appending = False
         # Segments retention dropped from the log but could not remove yet (retried).
         self._retention_pending: list[Path] = []
+        # The active segment's clean-close index file, while it describes the segment: removed
+        # (durably) before this log first changes a file, written again by a clean close.
+        self._index_file = index_file
 
     # --- protocol --------------------------------------------------------------------------
 
@@ -566,12 +718,13 @@ class LogStreamLog:
     def _roll(self, first_id: int) -> _Segment:
         """Seal the active segment and create a new one whose first id is `first_id`."""
         with self._io_lock:
+            self._drop_index_file()
             if self._fd is not None:
                 # Sealed segments are always complete on disk, whatever the durability: only
                 # the active segment can ever have a torn tail.
                 if self._dirty:
                     try:
-                        _datasync(self._fd)
+                        self._timed_datasync(self._fd)
                     except OSError as exc:
                         self._broken = exc
                         raise
@@ -585,7 +738,7 @@ class LogStreamLog:
                 # "interval" durability, or a crash). Sync it before it becomes sealed.
                 fd = os.open(self._segments[-1].path, os.O_RDONLY)
                 try:
-                    _datasync(fd)
+                    self._timed_datasync(fd)
                 except OSError as exc:
                     self._broken = exc
                     raise
@@ -601,6 +754,7 @@ class LogStreamLog:
         """Write one framed batch at `offset` of the active segment (and sync): a thread hop."""
         data, offsets = frame_batch(first_id, bodies, offset)
         with self._io_lock:
+            self._drop_index_file()
             if self._fd is None:
                 self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
             fd = self._fd
@@ -616,7 +770,7 @@ class LogStreamLog:
             self._dirty = True
             if sync:
                 try:
-                    _datasync(fd)
+                    self._timed_datasync(fd)
                 except BaseException as exc:
                     # After a failed sync the kernel's view of unsynced data is unknown: undo
                     # this batch and refuse further appends until the stream is reopened.
@@ -627,6 +781,20 @@ class LogStreamLog:
                 self._dirty = False
                 self._last_sync = time.monotonic()
         return offsets
+
+    def _timed_datasync(self, fd: int) -> None:
+        """`_datasync`, timed into the store's `LogStore.sync_latency` (in a worker thread)."""
+        started = time.perf_counter()
+        _datasync(fd)
+        self._store.sync_latency.observe(time.perf_counter() - started)
+
+    def _drop_index_file(self) -> None:
+        """Remove the clean-close index file, durably, before the first change to a segment
+        (with the io lock held, in a worker thread): from then on, a crash leaves no index
+        file, and the next open scans. If this fails, the change is not made."""
+        if self._index_file is not None:
+            _unlink_all([self._index_file], self.directory)
+            self._index_file = None
 
     async def maintain(self) -> None:
         """Background upkeep, run by the stream in its nursery while the log is open.
@@ -651,7 +819,7 @@ class LogStreamLog:
             if self._fd is None or not self._dirty or self._broken is not None:
                 return
             try:
-                _datasync(self._fd)
+                self._timed_datasync(self._fd)
             except OSError as exc:
                 logger.error("stream %r: periodic sync failed: %r", self.stream_id, exc)
                 self._broken = exc
@@ -870,13 +1038,18 @@ class LogStreamLog:
     def _close_clean_files(self) -> bool:
         """Close the files here, in the Trio thread, if nothing needs syncing: closing a clean
         descriptor and the LOCK does not block, so no thread hop is needed. Returns False
-        (doing nothing) when there is unsynced data or an open mark to remove from meta.json
-        (durability other than "fsync"), or a thread holds the io lock."""
+        (doing nothing) when there is unsynced data, an index file to write, or an open mark
+        to remove from meta.json (durability other than "fsync"), or a thread holds the io
+        lock."""
         if not self._io_lock.acquire(blocking=False):
             return False
         try:
-            if (self._fd is not None and self._dirty) or self._store.durability != "fsync":
-                return False  # a sync, or the open mark to clear from meta.json: blocking I/O
+            if (
+                (self._fd is not None and self._dirty)
+                or self._store.durability != "fsync"
+                or self._needs_index_file()
+            ):
+                return False  # a sync, an index file, or meta.json to write: blocking I/O
             self._close_files_locked()
             return True
         finally:
@@ -888,6 +1061,9 @@ class LogStreamLog:
 
     def _close_files_locked(self) -> None:
         try:
+            # The active segment has a descriptor only if this log wrote to it (and then syncs
+            # it below): otherwise an earlier writer may have left it unsynced.
+            synced = self._fd is not None
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
@@ -898,6 +1074,8 @@ class LogStreamLog:
                         self._dirty = False
                 finally:
                     os.close(fd)
+            if self._needs_index_file():
+                self._write_index_file(synced)
             if self._store.durability != "fsync" and self._broken is None:
                 # A clean close: the next open need not renew the epoch.
                 meta_path = self.directory / "meta.json"
@@ -908,6 +1086,42 @@ class LogStreamLog:
             if self._lock is not None:
                 _unlock_stream(self._lock)
                 self._lock = None
+
+    def _needs_index_file(self) -> bool:
+        """True when a clean close should write the active segment's index file: it has
+        records, and no index file describes it (none was loaded, or this log changed it)."""
+        return (
+            self._broken is None
+            and self._index_file is None
+            and bool(self._segments)
+            and bool(self._segments[-1].index)
+        )
+
+    def _write_index_file(self, synced: bool) -> None:
+        """Write the active segment's index file (a clean close, with the io lock held, in a
+        worker thread), after syncing the segment unless `synced`: the file claims only what
+        is on stable storage. Best effort: without it, the next open scans the segment."""
+        seg = self._segments[-1]
+        index = seg.index
+        assert index is not None
+        try:
+            with open(seg.path, "rb", buffering=0) as f:
+                if not synced:
+                    _datasync(f.fileno())
+                tail = _read_exact(f.fileno(), seg.size - index[-1], index[-1])
+            last = _walk_tail(tail, seg.first_id + (len(index) - 1) * _INDEX_STRIDE)
+            if last is None or last[0] != self._last_id:
+                raise _StaleIndex(f"its records after offset {index[-1]} do not check out")
+            data = _encode_index(seg.first_id, seg.size, self._last_id, last[2], index)
+            path = self.directory / _index_name(seg.first_id)
+            _atomic_write(path, data)
+        except (OSError, _StaleIndex) as exc:
+            logger.warning(
+                "stream %r: could not write the index file of %s (%s); the next open scans it",
+                self.stream_id, seg.path, exc,
+            )  # fmt: skip
+            return
+        self._index_file = path
 
 
 def _slice_bodies(
@@ -984,6 +1198,36 @@ def _index_sealed(path: Path, first_id: int, last_id: int, data: bytes | None = 
     return scan.index
 
 
+def _load_index(segment: Path, index_file: Path, first_id: int) -> tuple[int, int, list[int]]:
+    """What a scan of the active `segment` would find, from its clean-close `index_file`:
+    ``(size, last_id, index)``. Checked cheaply against the segment: its size, its header, and
+    the records from the last indexed one to the end (at most a stride of them, each by
+    checksum and id; the last one must close a batch and have the recorded checksum).
+
+    Raises:
+        FileNotFoundError: there is no index file.
+        _StaleIndex: it does not describe the segment as it is (then scan it).
+    """
+    size, last_id, last_crc, index = _decode_index(index_file.read_bytes(), first_id)
+    with open(segment, "rb", buffering=0) as f:
+        fd = f.fileno()
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise _StaleIndex(f"the segment is {actual} bytes, the index says {size}")
+        try:
+            _check_header(segment, _read_exact(fd, SEGMENT_HEADER_SIZE, 0), first_id)
+        except CorruptLogError as exc:
+            raise _StaleIndex(str(exc)) from None
+        tail = _read_exact(fd, size - index[-1], index[-1])
+    last = _walk_tail(tail, first_id + (len(index) - 1) * _INDEX_STRIDE)
+    if last is None or last[0] != last_id or not last[1] & FLAG_BATCH_END or last[2] != last_crc:
+        raise _StaleIndex(
+            f"the records after offset {index[-1]} do not end with event {last_id} (checksum "
+            f"{last_crc:#010x}) closing a batch at offset {size}"
+        )
+    return size, last_id, index
+
+
 def _check_header(path: Path, data: bytes, first_id: int) -> None:
     if len(data) < SEGMENT_HEADER_SIZE:
         raise CorruptLogError(path, 0, f"shorter ({len(data)} bytes) than a segment header")
@@ -1023,7 +1267,8 @@ class LogStore:
             torn tail), keep the valid prefix and move the rest aside to ``*.corrupt-*``
             files, instead of raising `CorruptLogError`. Also checks every segment on open.
         verify: Check every segment's records on open (otherwise sealed segments are checked
-            the first time they are read).
+            the first time they are read, and so is a cleanly closed last segment, whose
+            index file the open loads instead of scanning it: see docs/storage.md).
         cache_events: How many of the latest events each open stream keeps in memory (>= 0).
     """
 
@@ -1067,6 +1312,8 @@ class LogStore:
         self.salvage = salvage
         self.verify = verify
         self.cache_events = cache_events
+        #: How long its data syncs take, for monitoring (see `SyncLatency`).
+        self.sync_latency = SyncLatency()
         # None while a stream is being opened (the name is reserved before the thread hop).
         self._open: dict[str, LogStreamLog | None] = {}
 
@@ -1113,23 +1360,31 @@ class LogStore:
             ) from None
         lock = _lock_stream(directory / "LOCK", f"stream {stream_id!r} in {os.fspath(self.path)!r}")
         try:
-            epoch, segments, scanned_last, recovery = self._recover(stream_id, directory)
+            epoch, segments, last_id, recovery, index_file = self._recover(stream_id, directory)
         except BaseException:
             _unlock_stream(lock)
             raise
         return LogStreamLog(
-            self, stream_id, directory, registry, lock, epoch, segments, scanned_last, recovery
-        )
+            self, stream_id, directory, registry, lock, epoch, segments, last_id, recovery,
+            index_file,
+        )  # fmt: skip
 
     def _recover(
         self, stream_id: str, directory: Path
-    ) -> tuple[str, list[_Segment], int, RecoveryReport | None]:
-        """Read meta.json, list and check the segments, cut a torn tail. In a worker thread."""
+    ) -> tuple[str, list[_Segment], int, RecoveryReport | None, Path | None]:
+        """Read meta.json, list and check the segments, cut a torn tail. In a worker thread.
+
+        The active segment is scanned, unless its clean-close index file describes it as it is
+        (and neither `verify` nor `salvage` asks for a check). Returns the epoch, the segments,
+        the last id, what recovery cut, and the index file loaded (None if it was scanned)."""
         names: list[tuple[int, str]] = []
+        index_files: list[Path] = []
         for entry in os.scandir(directory):
             match = _SEGMENT_NAME.fullmatch(entry.name)
             if match:
                 names.append((int(match.group(1)), entry.name))
+            elif _INDEX_NAME.fullmatch(entry.name):
+                index_files.append(Path(entry.path))
             elif entry.name.endswith(".tmp"):
                 os.unlink(entry.path)  # an interrupted atomic write: never made visible
         names.sort()
@@ -1167,6 +1422,16 @@ class LogStore:
             # Each sealed segment holds at least one event (a roll happens only after one).
             if seg.first_id <= prev.first_id:
                 raise CorruptLogError(seg.path, 0, "segment ids overlap")
+        # An index file may exist only while its segment is as the clean close that wrote it
+        # left it: the ones not loaded below are removed (durably) before anything changes.
+        stale = index_files
+
+        def remove_stale() -> None:
+            nonlocal stale
+            if stale:
+                _unlink_all(stale, directory)
+                stale = []
+
         recovery: RecoveryReport | None = None
         if self.verify or self.salvage:
             for k, seg in enumerate(segments[:-1]):
@@ -1175,17 +1440,33 @@ class LogStore:
                 except CorruptLogError as exc:
                     if not self.salvage:
                         raise
+                    remove_stale()
                     meta = self._renew_epoch(stream_id, meta_path, meta)
                     recovery = self._salvage_sealed(stream_id, segments, k, exc)
                     break
         if not segments:
-            return self._mark_open(stream_id, meta_path, meta, recovery), segments, -1, recovery
+            remove_stale()
+            epoch = self._mark_open(stream_id, meta_path, meta, recovery)
+            return epoch, segments, -1, recovery, None
         last = segments[-1]
-        data = last.path.read_bytes()
-        _check_header(last.path, data, last.first_id)
-        scan = scan_records(data, SEGMENT_HEADER_SIZE, last.first_id)
-        if not scan.clean:
-            if not scan.torn_tail and not self.salvage:
+        index_file = last.path.with_name(_index_name(last.first_id))
+        loaded: Path | None = None
+        if index_file in stale and not (self.verify or self.salvage):
+            try:
+                last.size, last_id, last.index = _load_index(last.path, index_file, last.first_id)
+            except _StaleIndex as exc:
+                logger.warning(
+                    "stream %r: ignoring the index file %s (%s); scanning %s instead",
+                    stream_id, index_file, exc, last.path,
+                )  # fmt: skip
+            else:
+                stale.remove(index_file)
+                loaded = index_file
+        if loaded is None:
+            data = last.path.read_bytes()
+            _check_header(last.path, data, last.first_id)
+            scan = scan_records(data, SEGMENT_HEADER_SIZE, last.first_id)
+            if not scan.clean and not scan.torn_tail and not self.salvage:
                 assert scan.bad_offset is not None
                 raise CorruptLogError(
                     last.path,
@@ -1194,12 +1475,16 @@ class LogStore:
                     f"offset {scan.resumes_at}); events up to {scan.last_id} are intact. Open "
                     f"the store with salvage=True to keep them and move the rest aside",
                 )
-            if not scan.torn_tail:
-                meta = self._renew_epoch(stream_id, meta_path, meta)
-            recovery = self._cut(stream_id, last.path, scan, moved=not scan.torn_tail)
-        last.size = scan.valid_end
-        last.index = scan.index
-        if meta.get("open") is not None and scan.valid_end > SEGMENT_HEADER_SIZE:
+            remove_stale()
+            if not scan.clean:
+                if not scan.torn_tail:
+                    meta = self._renew_epoch(stream_id, meta_path, meta)
+                recovery = self._cut(stream_id, last.path, scan, moved=not scan.torn_tail)
+            last.size = scan.valid_end
+            last.index = scan.index
+            last_id = scan.last_id
+        remove_stale()
+        if meta.get("open") is not None and last.size > SEGMENT_HEADER_SIZE:
             # Written by a writer that did not close cleanly and may not have synced it: sync
             # it now, so a clean close of this writer can clear the mark without a hidden loss.
             fd = os.open(last.path, os.O_RDONLY)
@@ -1208,7 +1493,7 @@ class LogStore:
             finally:
                 os.close(fd)
         epoch = self._mark_open(stream_id, meta_path, meta, recovery)
-        return epoch, segments, scan.last_id, recovery
+        return epoch, segments, last_id, recovery, loaded
 
     def _mark_open(
         self,
