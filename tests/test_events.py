@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trio_events as te
+from trio_events.events import event_json, event_json_tail, new_event, timestamp_json
 
 AGENT = te.EventSource.AGENT
 FIELDS = ("id", "timestamp", "source", "type", "cause", "hidden", "payload")
@@ -134,6 +135,47 @@ def test_event_to_dict_and_event_from_dict_agree_with_the_codec(event: te.Event)
     assert as_dict["source"] == event.source.value
     assert te.event_from_dict(as_dict) == event
     assert te.event_from_dict(as_dict) == te.decode_event(te.encode_event(event))
+
+
+@given(events(json_payloads, type_names))
+def test_event_json_is_byte_identical_to_encoding_the_fields_in_order(event: te.Event) -> None:
+    # The writer's hot path (`event_json` over a publisher's `event_json_tail`) must produce
+    # exactly the one JSON form stores and the wire keep.
+    fields = {
+        "id": event.id,
+        "timestamp": event.timestamp.isoformat(timespec="microseconds"),
+        "source": event.source.value,
+        "type": event.type,
+        "cause": event.cause,
+        "hidden": event.hidden,
+        "payload": event.payload,
+    }
+    tail = event_json_tail(
+        event.source,
+        orjson.dumps(event.type),
+        event.cause,
+        event.hidden,
+        orjson.dumps(event.payload),
+    )
+    data = event_json(event.id, timestamp_json(event.timestamp), tail)
+    assert data == orjson.dumps(fields) == te.encode_event(event)
+
+
+@given(timestamps)
+def test_timestamp_json_always_has_microseconds_and_the_offset(ts: datetime) -> None:
+    for value in (ts, ts.replace(microsecond=0), ts.astimezone(UTC)):
+        assert timestamp_json(value) == b'"%s"' % value.isoformat(timespec="microseconds").encode()
+
+
+@given(events(json_payloads | registered_payloads, type_names), st.none() | st.binary())
+def test_new_event_is_the_event_the_constructor_makes(event: te.Event, data: bytes | None) -> None:
+    fields = [getattr(event, field.name) for field in attrs.fields(te.Event)][:-1]
+    made = new_event(*fields, data)
+    assert type(made) is te.Event
+    assert made == event == te.Event(*fields, _json=data)
+    assert made._json == data
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.id = 1  # type: ignore[misc]
 
 
 @given(registered_payloads.flatmap(registered_events))
@@ -464,6 +506,18 @@ BAD_PUBLISHES = [
         ValueError,
         r"source must be one of \['agent', 'user', 'environment'\], not 'robot'",
         id="bad-source",
+    ),
+    pytest.param(
+        publishing({"k": "v"}, type="t", source=["agent"]),
+        ValueError,
+        r"source must be one of \['agent', 'user', 'environment'\], not \['agent'\]",
+        id="unhashable-source",
+    ),
+    pytest.param(
+        publishing({"k": "v"}, type="t", source=None),
+        ValueError,
+        r"source must be one of \['agent', 'user', 'environment'\], not None",
+        id="no-source",
     ),
     pytest.param(
         publishing({"k": "v"}, type="t", source="AGENT"),

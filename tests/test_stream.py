@@ -628,6 +628,55 @@ async def test_publisher_waiting_for_room_when_the_stream_closes_gets_stream_clo
     ]
 
 
+async def test_publishers_waiting_for_room_are_stored_in_arrival_order() -> None:
+    store = GatedStore()
+    async with te.open_event_stream("s", store=store, publish_buffer=2, max_batch=1) as stream:
+        log = store.logs["s"]
+        log.gate = trio.Event()  # the writer holds the first request at the gate
+        ids: dict[int, int] = {}
+        async with trio.open_nursery() as publishers:
+
+            async def publish(n: int, task_status: trio.TaskStatus[None]) -> None:
+                task_status.started()
+                ids[n] = (await stream.publish({"n": n}, source=AGENT, type="t")).id
+
+            # One at the gate, two queued, five waiting for room.
+            for n in range(8):
+                await publishers.start(publish, n)
+                await trio.testing.wait_all_tasks_blocked()
+            assert stream.statistics().pending_publishes == 2
+            log.gate.set()
+        assert ids == {n: n for n in range(8)}
+        stored = [event async for event in stream.search_events()]
+        assert [event.payload for event in stored] == [{"n": n} for n in range(8)]
+
+
+async def test_a_publisher_cancelled_while_waiting_for_room_publishes_nothing() -> None:
+    store = GatedStore()
+    async with te.open_event_stream("s", store=store, publish_buffer=1, max_batch=1) as stream:
+        log = store.logs["s"]
+        log.gate = trio.Event()
+        got: list[int] = []
+        async with trio.open_nursery() as publishers:
+
+            async def publish(n: int, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    got.append((await stream.publish({"n": n}, source=AGENT, type="t")).id)
+
+            # 0 at the gate, 1 queued, 2 and 3 waiting for room; 2 gives up.
+            scopes = []
+            for n in range(4):
+                scopes.append(await publishers.start(publish, n))
+                await trio.testing.wait_all_tasks_blocked()
+            scopes[2].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            log.gate.set()
+        assert sorted(got) == [0, 1, 2]
+        stored = [event.payload async for event in stream.search_events()]
+        assert stored == [{"n": 0}, {"n": 1}, {"n": 3}]
+
+
 async def test_router_parked_on_a_full_block_subscriber_is_cancelled_at_shutdown(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -4,10 +4,11 @@
 
     publish() ──► [writer] ──► store.append(batch) ──► [router] ──┬─► subscriber ─► callback
      (bounded      assigns ids,                          offers   ├─► subscriber ─► async iterator
-      channel)     group-commits                         each     └─► ...
+      queue)       group-commits                         each     └─► ...
                                                          batch
 
-- Publishers put requests on a bounded channel (backpressure). The writer takes every request
+- Publishers put requests on a bounded FIFO queue (backpressure: beyond ``publish_buffer``
+  requests, publishers wait for room in arrival order). The writer takes every request
   waiting, assigns dense ids in arrival order, appends the whole batch to the store in one call
   (group commit), completes each publisher's ``await`` with its stored `Event`, and passes the
   batch to the router.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -47,9 +49,11 @@ from .events import (
     Event,
     EventSource,
     PayloadRegistry,
-    assemble_event_json,
     check_type_name,
     default_registry,
+    event_json,
+    event_json_tail,
+    new_event,
     timestamp_json,
 )
 from .filters import EventFilter
@@ -77,14 +81,12 @@ DEFAULT_PUBLISH_BUFFER = 1024
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 _WARN_EVENT_BYTES = 1024 * 1024
-# The most an envelope adds around a payload: the field names, a 20-digit id and cause, a
-# timestamp, the longest source; plus the type name's own JSON (added per event).
-# An event's JSON is its payload's and type's JSON plus a fixed envelope, plus the digits of its
-# id and cause and the source's name. Timestamps always have the same length.
-_FIXED_ENVELOPE_BYTES = len(
-    assemble_event_json(0, timestamp_json(datetime.now(UTC)), EventSource.AGENT, b"", 0, False, b"")
-) - len(b'00"agent"')
-_SOURCE_BYTES = {source: len(source.value) + 2 for source in EventSource}
+# An event's JSON is its `event_json_tail` (built by the publisher) after a head of fixed size
+# plus the digits of its id: timestamps always have the same length.
+_HEAD_BYTES = len(event_json(0, timestamp_json(datetime.now(UTC)), b"")) - 1
+# Source names and members alike (a StrEnum member hashes and compares as its value): one
+# lookup instead of an `EventSource(...)` call per publish.
+_SOURCES: dict[object, EventSource] = {source.value: source for source in EventSource}
 _SEARCH_PAGE = 512
 
 
@@ -111,28 +113,26 @@ class StreamStats:
     subscribers: Mapping[tuple[str, str], SubscriberStats]
 
 
-@attrs.define(slots=True)
-class _Draft:
-    """A prepared, not yet stored event: validated, masked and encoded by the publisher."""
-
-    source: EventSource
-    type: str
-    type_json: bytes
-    payload: Any
-    payload_json: bytes
-    cause: int | None
-    hidden: bool
+# A prepared, not yet stored event, validated, masked and encoded by the publisher: source, type
+# name, payload, cause, hidden and its `event_json_tail`. A plain tuple: one is made per publish.
+_Draft = tuple[EventSource, str, Any, int | None, bool, bytes]
 
 
 class _PublishRequest:
-    """One `publish` call waiting for the writer; the writer completes it with its events."""
+    """One `publish` call waiting for the writer; the writer completes it with its events.
 
-    __slots__ = ("drafts", "result", "task")
+    Its publisher parks once, until the request is complete: while it waits for room in the
+    stream's queue (in the waiting room) and then while it is queued for the writer.
+    """
+
+    __slots__ = ("drafts", "result", "task", "waiting_room")
 
     def __init__(self, drafts: list[_Draft]) -> None:
         self.drafts = drafts
         self.result: outcome.Outcome[list[Event]] | None = None
         self.task: trio.lowlevel.Task | None = None
+        # The stream's waiting room while the request is in it (not yet accepted), else None.
+        self.waiting_room: deque[_PublishRequest] | None = None
 
     def complete(self, result: outcome.Outcome[list[Event]]) -> None:
         self.result = result
@@ -141,20 +141,16 @@ class _PublishRequest:
             self.task = None
             trio.lowlevel.reschedule(task, result)
 
-    async def wait(self) -> list[Event]:
-        if self.result is not None:
-            await trio.lowlevel.checkpoint()
-            return self.result.unwrap()
-        self.task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            # The request stays queued: its event is still published, the caller just stops
-            # waiting for the result.
-            self.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        events: list[Event] = await trio.lowlevel.wait_task_rescheduled(abort)
-        return events
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        if self.waiting_room is not None:
+            # Not accepted yet: it is not published (Trio's rule: Cancelled means it did not
+            # happen).
+            self.waiting_room.remove(self)
+            self.waiting_room = None
+        # Otherwise the request stays queued: its event is still published, the caller just
+        # stops waiting for the result.
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class EventStream:
@@ -187,9 +183,13 @@ class EventStream:
         self._max_batch = max_batch
         self._masker = SecretMasker()
         self._closed = False
-        self._requests_send, self._requests = trio.open_memory_channel[_PublishRequest](
-            publish_buffer
-        )
+        # Accepted requests, waiting for the writer (at most `publish_buffer`), and those that
+        # wait for room, in arrival order: non-empty only while the queue is full. A deque and
+        # a parked writer instead of a memory channel, which costs a microsecond per request.
+        self._queue: deque[_PublishRequest] = deque()
+        self._waiting_room: deque[_PublishRequest] = deque()
+        self._publish_buffer = publish_buffer
+        self._writer_task: trio.lowlevel.Task | None = None  # while it waits for requests
         self._batches_send, self._batches = trio.open_memory_channel[list[Event]](8)
         self._last_id = log.last_id
         self._last_timestamp = last_timestamp
@@ -201,7 +201,8 @@ class EventStream:
         self._actors: dict[tuple[str, str], _CallbackActor] = {}
         self._fanout: tuple[_Subscriber, ...] = ()
         self._type_json: dict[str, bytes] = {}
-        self._envelope_bytes = _FIXED_ENVELOPE_BYTES
+        # The JSON head's size for the next id (kept by the writer as ids grow).
+        self._head_bytes = _HEAD_BYTES + len(str(log.last_id + 1))
         self._iterator_ids = itertools.count()
 
     # --- publishing ---------------------------------------------------------------------------
@@ -232,7 +233,13 @@ class EventStream:
             EventTooLarge: the encoded event is over ``max_event_bytes``.
             StreamClosed: the stream is closed.
         """
-        events = await self._submit(self._prepare((payload,), source, type, cause, hidden))
+        source = self._check_envelope(source, type, cause, hidden)
+        draft = self._encode(payload, source, type, cause, hidden)
+        # `_submit`, inlined: one coroutine less on the hot path.
+        self._check_open()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        request = self._enqueue([draft])
+        events: list[Event] = await trio.lowlevel.wait_task_rescheduled(request.abort)
         return events[0]
 
     async def publish_many(
@@ -258,23 +265,35 @@ class EventStream:
         return await self._submit(drafts)
 
     async def _submit(self, drafts: list[_Draft]) -> list[Event]:
-        if self._closed:
-            raise StreamClosed(f"stream {self.stream_id!r} is closed; publish while it is open")
+        self._check_open()
         # A publish in an already cancelled scope publishes nothing (Trio's rule: Cancelled
         # means it did not happen); once queued, the event is published even if the wait is
         # cancelled.
         await trio.lowlevel.checkpoint_if_cancelled()
+        request = self._enqueue(drafts)
+        # Parked here, not in a method of the request: one coroutine less per publish.
+        events: list[Event] = await trio.lowlevel.wait_task_rescheduled(request.abort)
+        return events
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosed(f"stream {self.stream_id!r} is closed; publish while it is open")
+
+    def _enqueue(self, drafts: list[_Draft]) -> _PublishRequest:
+        """Queue a request for the writer, or put it in the waiting room if the queue is full.
+
+        The caller parks right away with ``wait_task_rescheduled(request.abort)``.
+        """
         request = _PublishRequest(drafts)
-        try:
-            try:
-                self._requests_send.send_nowait(request)
-            except trio.WouldBlock:
-                await self._requests_send.send(request)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise StreamClosed(
-                f"stream {self.stream_id!r} closed before this event was accepted"
-            ) from None
-        return await request.wait()
+        request.task = trio.lowlevel.current_task()
+        if len(self._queue) < self._publish_buffer:
+            self._queue.append(request)
+            self._wake_writer()
+        else:
+            # Backpressure: the writer moves it into the queue as room frees (`_take_batch`).
+            request.waiting_room = self._waiting_room
+            self._waiting_room.append(request)
+        return request
 
     def _prepare(
         self,
@@ -285,13 +304,19 @@ class EventStream:
         hidden: bool,
     ) -> list[_Draft]:
         """Validate, mask and encode payloads: in the publisher's task, so errors raise there."""
-        if not isinstance(source, EventSource):
-            try:
-                source = EventSource(source)
-            except ValueError:
-                raise ValueError(
-                    f"source must be one of {[s.value for s in EventSource]}, not {source!r}"
-                ) from None
+        source = self._check_envelope(source, type_name, cause, hidden)
+        return [self._encode(payload, source, type_name, cause, hidden) for payload in payloads]
+
+    def _check_envelope(
+        self, source: EventSource | str, type_name: str | None, cause: int | None, hidden: bool
+    ) -> EventSource:
+        """Check the arguments shared by a publish's events; return the source as a member."""
+        try:
+            source = _SOURCES[source]
+        except (KeyError, TypeError):  # TypeError: unhashable
+            raise ValueError(
+                f"source must be one of {[s.value for s in EventSource]}, not {source!r}"
+            ) from None
         if cause is not None and (type(cause) is not int or not 0 <= cause <= self._last_id):
             raise ValueError(
                 f"cause must be None or the id of an event already in the stream "
@@ -301,11 +326,7 @@ class EventStream:
             raise ValueError(f"hidden must be True or False, not {hidden!r}")
         if type_name is not None and type_name not in self._type_json:
             check_type_name(type_name)
-        # The size check counts the id with the digits of the next id now; ids of ten digits
-        # cover ten billion events, so at most a rare event that crosses a power of ten while
-        # queued ends up one byte over.
-        self._envelope_bytes = _FIXED_ENVELOPE_BYTES + len(str(self._last_id + 1))
-        return [self._encode(payload, source, type_name, cause, hidden) for payload in payloads]
+        return source
 
     def _encode(
         self,
@@ -361,7 +382,7 @@ class EventStream:
                 f"represent; encode such values as strings or null"
             )
         masker = self._masker
-        if masker and masker.may_contain(payload_json):
+        if masker.may_contain(payload_json):
             data = masker.mask(data)
             payload_json = orjson.dumps(data)
             if not isinstance(payload, dict):
@@ -373,41 +394,40 @@ class EventStream:
         type_json = self._type_json.get(type_name)
         if type_json is None:
             type_json = self._type_json[type_name] = orjson.dumps(type_name)
-        size = (
-            len(payload_json)
-            + len(type_json)
-            + self._envelope_bytes
-            + _SOURCE_BYTES[source]
-            + (4 if cause is None else len(str(cause)))
-            - (1 if hidden else 0)  # "true" is one byte shorter than "false"
-        )
+        tail = event_json_tail(source, type_json, cause, hidden, payload_json)
+        # The size counts the id with the digits of the next id now (see `_run_writer`); ids of
+        # ten digits cover ten billion events, so at most a rare event that crosses a power of
+        # ten while queued ends up one byte over.
+        size = len(tail) + self._head_bytes
         if size > self._size_checked_above:
             if size > self._max_event_bytes:
                 raise EventTooLarge(size, self._max_event_bytes, type_name)
             logger.warning(
                 "stream %r: large event of type %r (%d bytes)", self.stream_id, type_name, size
             )
-        return _Draft(source, type_name, type_json, payload, payload_json, cause, hidden)
+        return (source, type_name, payload, cause, hidden, tail)
 
     # --- the writer and the router ------------------------------------------------------------
 
     async def _run_writer(self) -> None:
-        requests = self._requests
+        queue = self._queue
         batches_send = self._batches_send
         log = self._log
         pending: list[_PublishRequest] = []
         try:
             async with batches_send:
-                async for first in requests:
-                    pending = [first]
-                    count = len(first.drafts)
-                    while count < self._max_batch:
-                        try:
-                            request = requests.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        pending.append(request)
-                        count += len(request.drafts)
+                while True:
+                    if queue:
+                        # Yield once per batch, as a channel's receive would: the publishers
+                        # the last batch answered queue their next events into this one.
+                        await trio.lowlevel.checkpoint()
+                    elif self._closed:
+                        break  # closed and drained
+                    else:
+                        await self._wait_for_requests()
+                        if not queue:
+                            continue  # woken by close
+                    pending = self._take_batch()
                     events, per_request = self._assign(pending)
                     try:
                         await log.append(events)
@@ -436,9 +456,11 @@ class EventStream:
                                 what,
                             )
                             self._last_id = log.last_id
+                            self._head_bytes = _HEAD_BYTES + len(str(self._last_id + 1))
                             await batches_send.send(events[:stored])
                         continue
                     self._last_id = events[-1].id
+                    self._head_bytes = _HEAD_BYTES + len(str(self._last_id + 1))
                     self._published += len(events)
                     self._batch_count += 1
                     for request, result in zip(pending, per_request, strict=True):
@@ -451,6 +473,47 @@ class EventStream:
             self._fail_waiting_publishers(pending)
             # Nothing is appended any more: what is left unsynced, closing the log syncs.
             self._maintenance.cancel()
+
+    async def _wait_for_requests(self) -> None:
+        """Park the writer until a publisher queues a request or the stream closes."""
+        self._writer_task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._writer_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake_writer(self) -> None:
+        writer = self._writer_task
+        if writer is not None:
+            self._writer_task = None
+            trio.lowlevel.reschedule(writer)
+
+    def _take_batch(self) -> list[_PublishRequest]:
+        """Take the next batch off the queue (non-empty), and let waiting publishers in."""
+        queue = self._queue
+        first = queue.popleft()
+        pending = [first]
+        count = len(first.drafts)
+        while queue and count < self._max_batch:
+            request = queue.popleft()
+            pending.append(request)
+            count += len(request.drafts)
+        waiting = self._waiting_room
+        while waiting and len(queue) < self._publish_buffer:
+            request = waiting.popleft()
+            request.waiting_room = None
+            queue.append(request)
+        return pending
+
+    def _refuse_waiting(self) -> None:
+        """Fail every publish still waiting for room: the stream is closing."""
+        message = f"stream {self.stream_id!r} closed before this event was accepted"
+        while self._waiting_room:
+            request = self._waiting_room.popleft()
+            request.waiting_room = None
+            request.complete(outcome.Error(StreamClosed(message)))
 
     async def _run_maintenance(self) -> None:
         with self._maintenance:
@@ -469,12 +532,10 @@ class EventStream:
         per_request: list[list[Event]] = []
         for request in requests:
             mine = []
-            for d in request.drafts:
-                data = assemble_event_json(
-                    next_id, ts_json, d.source, d.type_json, d.cause, d.hidden, d.payload_json
-                )
+            for source, type_name, payload, cause, hidden, tail in request.drafts:
+                data = event_json(next_id, ts_json, tail)
                 mine.append(
-                    Event(next_id, now, d.source, d.type, d.payload, d.cause, d.hidden, _json=data)
+                    new_event(next_id, now, source, type_name, payload, cause, hidden, data)
                 )
                 next_id += 1
             events.extend(mine)
@@ -484,17 +545,14 @@ class EventStream:
     def _fail_waiting_publishers(self, in_flight: list[_PublishRequest]) -> None:
         """Fail every request the writer will not store (it is ending, cancelled or broken)."""
         self._closed = True
-        self._requests_send.close()
+        self._writer_task = None
+        self._refuse_waiting()
         message = f"stream {self.stream_id!r} closed before this event was stored"
         for request in in_flight:
             if request.result is None:
                 request.complete(outcome.Error(StreamClosed(message)))
-        while True:
-            try:
-                request = self._requests.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            request.complete(outcome.Error(StreamClosed(message)))
+        while self._queue:
+            self._queue.popleft().complete(outcome.Error(StreamClosed(message)))
 
     @property
     def _dispatched_id(self) -> int:
@@ -827,7 +885,7 @@ class EventStream:
             published=self._published,
             last_id=self._log.last_id,
             first_id=self._log.first_id,
-            pending_publishes=self._requests_send.statistics().current_buffer_used,
+            pending_publishes=len(self._queue),
             batches=self._batch_count,
             subscribers={key: sub.statistics() for key, sub in self._subscribers.items()},
         )
@@ -835,7 +893,8 @@ class EventStream:
     def _begin_close(self) -> None:
         """Stop accepting publishes; the writer drains what was accepted, then everything ends."""
         self._closed = True
-        self._requests_send.close()
+        self._refuse_waiting()
+        self._wake_writer()
 
 
 @asynccontextmanager
