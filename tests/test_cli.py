@@ -624,3 +624,34 @@ def test_serve_limit_flags_become_the_server_config() -> None:
         max_connections=7, publish_rate=2.5, idle_timeout=9.0
     )
     assert _server_config(_parser().parse_args(["serve"])) == ServerConfig()
+
+
+async def test_serve_logs_one_line_per_connection_opened_and_closed_without_the_token(
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens.json"
+    entry = {"name": "writer", "token": WRITER, "streams": ["*"], "permissions": ["publish"]}
+    tokens.write_text(json.dumps({"tokens": [entry]}))
+    with trio.fail_after(TIMEOUT):
+        async with started("serve", "--port", "0", "--memory", "--tokens-file", str(tokens)) as (
+            process,
+            out,
+        ):
+            ready = await out.readline()
+            port = ready.split("/v1/streams/ID")[0].rsplit(":", 1)[1]
+            url = f"ws://127.0.0.1:{port}/v1/streams/conv-1"
+            async with te.connect(url, token=WRITER) as conn:
+                assert await conn.publish({"k": 1}, source="user", type="t") == 0
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+            assert process.stderr is not None
+            log = b""
+            while chunk := await process.stderr.receive_some():
+                log += chunk
+    lines = log.decode().splitlines()
+    opened = [line for line in lines if "ws open stream=conv-1" in line]
+    closed = [line for line in lines if "ws closing stream=conv-1" in line]
+    assert len(opened) == len(closed) == 1
+    assert "subject=writer" in opened[0]
+    assert "subject=writer code=" in closed[0]
+    assert WRITER not in log.decode()

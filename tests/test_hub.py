@@ -517,3 +517,18 @@ async def test_works_with_log_store(tmp_path: Path, autojump_clock: trio.testing
     await store.aclose()
     async with te.open_event_stream("conv-1", store=te.LogStore(tmp_path)) as reopened:
         assert reopened.get_latest_event_id() == 3
+
+
+async def test_stream_statistics_reads_open_streams_without_holding_them() -> None:
+    async with te.open_event_hub(idle_timeout=60) as hub:
+        async with hub.stream("a") as a:
+            await a.publish({"n": 1}, source="agent", type="t.x")
+            await a.publish({"n": 2}, source="agent", type="t.x")
+        assert hub.statistics().streams["a"].idle_since is not None  # idle: nobody holds it
+        idle_since = hub.statistics().streams["a"].idle_since
+        stats = hub.stream_statistics()
+        assert list(stats) == ["a"]
+        assert stats["a"].last_id == 1
+        # Looking did not make it busy again.
+        assert hub.statistics().streams["a"].holders == 0
+        assert hub.statistics().streams["a"].idle_since == idle_since

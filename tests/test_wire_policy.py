@@ -13,6 +13,7 @@ import jwt
 import orjson
 import pytest
 import trio
+import trio.testing
 import wsproto
 import wsproto.events as wse
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
@@ -542,3 +543,95 @@ async def test_the_python_client_with_tokens() -> None:
             with pytest.raises(te.wire.Forbidden, match="stream 't'"):
                 async with te.connect(url(port, "/v1/streams/t"), token=READER) as conn:
                     await anext(aiter(conn))
+
+
+# --- found in review: closes during replay, socket caps, shutdown bound, client close reasons ---
+
+
+async def test_a_client_closing_during_a_replay_is_a_normal_close_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = ServerConfig(max_frame_events=5)
+    with caplog.at_level(logging.INFO, logger="trio_events"), trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
+            async with hub.stream("s") as stream:
+                await stream.publish_many(
+                    [{"n": i, "pad": "x" * 200} for i in range(5000)], source="agent", type="t.x"
+                )
+            for _ in range(5):
+                async with open_websocket_url(url(port)) as ws:
+                    await recv(ws)  # hello
+                    await recv(ws)  # the first frame of a long replay; then close (1000)
+            async with open_websocket_url(url(port)) as ws:  # and the server is fine
+                assert (await recv(ws))["op"] == "hello"
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == []
+    closes = [r.getMessage() for r in caplog.records if "ws closing" in r.getMessage()]
+    assert closes
+    assert not any("code=1011" in line for line in closes)
+
+
+async def test_idle_sockets_from_one_address_cannot_lock_out_others() -> None:
+    config = ServerConfig(max_connections=4, max_connections_per_address=2, handshake_timeout=30)
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
+            idle = [
+                await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+                for _ in range(30)
+            ]
+            try:
+                # Beyond its socket cap (2 + 8), the address's sockets are closed at once.
+                refused = 0
+                for sock in idle[10:]:
+                    assert await sock.receive_some() == b""
+                    refused += 1
+                assert refused == 20
+                # Another address still gets served.
+                async with open_websocket_url(url(port)) as ws:
+                    assert (await recv(ws))["op"] == "hello"
+            finally:
+                for sock in idle:
+                    await sock.aclose()
+
+
+async def test_shutdown_is_bounded_by_close_timeout_even_with_a_stalled_reader() -> None:
+    config = ServerConfig(close_timeout=1, send_timeout=60)
+    async with te.open_event_hub() as hub:
+        # ~64 MB: more than the socket buffers hold, so the server's send stays stuck.
+        async with hub.stream("s") as stream:
+            for _ in range(20):
+                await stream.publish_many(
+                    [{"pad": "x" * 3200} for _ in range(1000)], source="agent", type="t.x"
+                )
+        with trio.fail_after(30):
+            async with serving(hub, config, auth=None) as (port, scope):
+                sock, _ = await _raw_handshake(port)  # upgrades, then never reads
+                await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+                started = trio.current_time()
+                scope.cancel()
+            elapsed = trio.current_time() - started  # serve_streams has returned
+        await sock.aclose()
+    assert elapsed < 4  # close_timeout (1 s) and slack; the send alone could take 60 s
+
+
+async def test_client_close_reasons_cannot_forge_log_lines_or_metric_labels(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="trio_events"), trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, auth=None) as (port, _):
+            for code in (4321, 3999):
+                async with open_websocket_url(url(port)) as ws:
+                    await until_caught_up(ws)
+                    await ws.aclose(code, "bye\nws open stream=admin subject=root")
+            async with await trio.open_tcp_stream("127.0.0.1", port) as sock:
+                await sock.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                body = b""
+                while chunk := await sock.receive_some():
+                    body += chunk
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(
+        line.startswith("ws open stream=admin") for m in messages for line in m.splitlines()
+    )
+    assert all("\n" not in m for m in messages if "ws closing" in m)
+    assert b'trio_events_connections_closed_total{code="other"} 2.0' in body
+    assert b'code="4321"' not in body

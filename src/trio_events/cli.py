@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import signal
 import sys
@@ -592,6 +593,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback address without any of the token options above",
     )
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="what to log on stderr (info: one line per connection opened and closed)",
+    )
     _add_limit_flags(serve)
 
     url_help = "the stream's URL, ws://HOST:PORT/v1/streams/STREAM_ID (filter parameters allowed)"
@@ -695,6 +702,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = _server_config(args)
             except ValueError as exc:
                 parser.error(str(exc).replace("_", "-"))
+            logging.basicConfig(
+                level=args.log_level.upper(),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                stream=sys.stderr,
+            )
             trio.run(_serve, args, auth, auth_text, config)
         elif args.command == "tail":
             trio.run(_tail, args, _token(args.command, args.token_env))

@@ -48,6 +48,7 @@ from .stream import (
     DEFAULT_PUBLISH_BUFFER,
     DEFAULT_SHUTDOWN_TIMEOUT,
     EventStream,
+    StreamStats,
     open_event_stream,
 )
 
@@ -351,6 +352,18 @@ class EventHub:
             failed_opens=self._failed_opens,
             max_streams=self._max_streams,
         )
+
+    def stream_statistics(self) -> dict[str, StreamStats]:
+        """`EventStream.statistics` of each open stream, without holding it.
+
+        For monitoring (the server's ``/metrics``): holding a stream with `stream` to read it
+        would restart its idle timer at every look.
+        """
+        return {
+            stream_id: entry.stream.statistics()
+            for stream_id, entry in self._entries.items()
+            if entry.state == "open" and entry.stream is not None
+        }
 
     def _begin_close(self) -> None:
         """Refuse new holders and make every stream close (each drains as its block ends)."""

@@ -32,6 +32,13 @@ closes the connection with 4008 when no send has completed for ``send_timeout`` 
 waiting: the client did not read. An unexpected error is logged once and closes that connection
 alone with 1011.
 
+The port also answers plain HTTP (`wire.http`): each TCP connection's request head is read
+with h11 (at most ``_MAX_HEAD_BYTES``, else 431; within ``handshake_timeout``, else the
+connection is dropped). A WebSocket upgrade goes on to trio-websocket with the bytes already
+read replayed (`_ReplayStream`), so steps 1-4 above are unchanged; any other request gets one
+response from `HttpRouter` (``/healthz``, ``/metrics``, the viewer's static files) and the
+connection is closed.
+
 Shutdown (cancelling `serve_streams`): the listener stops first; then every connection is told
 to close with 1001 while its WebSocket reader still runs, so the closing handshake completes at
 once instead of waiting out ``close_timeout``; a connection that does not finish within
@@ -46,15 +53,17 @@ import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import attrs
+import h11
 import trio
+from prometheus_client import generate_latest
 from trio_websocket import (
     ConnectionClosed,
-    Endpoint,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
+    wrap_server_stream,
 )
 
 from .._checks import check_int
@@ -67,9 +76,19 @@ from ..errors import (
 )
 from ..events import Event, PayloadRegistry
 from ..hub import EventHub
+from ..store.log import LogStore, SyncLatencySnapshot
 from ..stream import EventStream
 from ..subscribers import Overflow
 from .auth import ALLOW_ALL, Authenticator, Grant, Permission
+from .http import (
+    Health,
+    HttpResponse,
+    HttpRouter,
+    error_response,
+    load_static_files,
+    package_version,
+)
+from .metrics import MetricsSource, ServerCounters, metrics_registry
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_FRAME_EVENTS,
@@ -169,48 +188,316 @@ async def serve_streams(
 
     Use with ``port = await nursery.start(serve_streams, hub)``: it reports the bound port once
     it accepts connections. Every connection's task lives in this function's nursery; cancelling
-    it stops accepting, closes every client with 1001 (each within ``close_timeout``) and leaves
-    no task behind.
+    it stops accepting, closes every client with 1001 (each within ``close_timeout``), drops
+    plain HTTP requests still in progress, and leaves no task behind.
+
+    The same port answers plain HTTP (see `trio_events.wire.http`): ``GET /healthz``,
+    ``GET /metrics`` (Prometheus; with `auth`, for a token that may read every stream), and the
+    files of the ``trio_events.web`` package directory (``GET /`` is its ``index.html``), read
+    once when the server starts.
 
     Args:
         auth: Checks each connection's token (`StaticTokens`, `JwtAuthenticator`, `AnyOf`).
             ``None`` lets every client read and publish every stream: only for a server that
             untrusted clients cannot reach.
     """
+    # Blocking file reads, once, before serving: the files are small.
+    router = HttpRouter(static=load_static_files(), auth=auth)
     connections = _Connections(config)
-    handler = functools.partial(_handle_request, hub, config, auth, connections)
+    site = _Site(hub, config, auth, connections, router)
     async with trio.open_nursery() as nursery:
         handlers: trio.Nursery = await nursery.start(
             _run_connections, connections, config.close_timeout
         )
         try:
-            server = await nursery.start(
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            await nursery.start(
                 functools.partial(
-                    serve_websocket,
-                    handler,
-                    host,
-                    port,
-                    None,
-                    handler_nursery=handlers,
-                    # The core checks the exact limit (and answers too_large); the WebSocket
-                    # layer only cuts off frames far over it, without buffering them whole.
-                    max_message_size=2 * config.max_message_bytes,
-                    connect_timeout=config.handshake_timeout,
-                    disconnect_timeout=config.close_timeout,
+                    trio.serve_listeners, site.serve_tcp, listeners, handler_nursery=handlers
                 )
             )
+            bound = listeners[0].socket.getsockname()[1]
             logger.info(
                 "serving streams on %s:%d (auth: %s)",
                 host,
-                server.port,
+                bound,
                 "none" if auth is None else type(auth).__name__,
             )
-            task_status.started(server.port)
+            task_status.started(bound)
             await trio.sleep_forever()
         finally:
             # The listener is being cancelled with this task; the connections are not (see
             # `_run_connections`): tell each to close while its reader still runs.
             connections.close_all()
+
+
+#: The most bytes of request line and headers read before answering 431.
+_MAX_HEAD_BYTES = 16 * 1024
+_RECEIVE_BYTES = 4096
+#: How long, at most, to wait for the client to hang up after a plain HTTP response.
+_LINGER_SECONDS = 1.0
+
+
+def _socket_endpoint(stream: trio.SocketStream) -> tuple[str, str]:
+    """The client's ``(address, "address:port")``: the first for limits, the second for logs."""
+    try:
+        address, port, *_ = stream.socket.getpeername()
+    except OSError:  # already disconnected
+        return "unknown", "unknown"
+    return str(address), f"{address}:{port}"
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    """Whether the request asks for a WebSocket upgrade (``Upgrade: websocket``)."""
+    return any(
+        name == b"upgrade" and b"websocket" in (t.strip().lower() for t in value.split(b","))
+        for name, value in request.headers
+    )
+
+
+class _ReplayStream(trio.abc.HalfCloseableStream):
+    """A socket stream whose first reads return the bytes already read from it.
+
+    Lets trio-websocket read a handshake whose head was already read (to route it) with h11.
+    """
+
+    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
+        self._stream = stream
+        self._buffered = buffered
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._buffered:
+            await trio.lowlevel.checkpoint()
+            size = len(self._buffered) if max_bytes is None else max_bytes
+            data, self._buffered = self._buffered[:size], self._buffered[size:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _Site:
+    """One server's shared state: what every TCP connection, HTTP or WebSocket, works with."""
+
+    def __init__(
+        self,
+        hub: EventHub,
+        config: ServerConfig,
+        auth: Authenticator | None,
+        connections: _Connections,
+        router: HttpRouter,
+    ) -> None:
+        self.hub = hub
+        self.config = config
+        self.auth = auth
+        self.connections = connections
+        self.router = router
+        self.counters = ServerCounters()
+        self.started = trio.current_time()
+        self.version = package_version()
+        store = hub.store
+        self.registry = metrics_registry(
+            MetricsSource(
+                hub=hub.statistics,
+                streams=hub.stream_statistics,
+                connections_open=lambda: len(connections.open),
+                counters=self.counters,
+                sync_latency=(
+                    store.sync_latency.snapshot if isinstance(store, LogStore) else _no_sync_latency
+                ),
+                uptime=self.uptime,
+            )
+        )
+
+    def uptime(self) -> float:
+        return trio.current_time() - self.started
+
+    # `HttpState`, for the router.
+
+    def health(self) -> Health:
+        return Health(
+            closing=self.connections.closing.is_set(),
+            uptime_s=self.uptime(),
+            streams=self.hub.statistics().open_streams,
+            connections=len(self.connections.open),
+            version=self.version,
+        )
+
+    def metrics(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # One TCP connection.
+
+    async def serve_tcp(self, stream: trio.SocketStream) -> None:
+        """Route one TCP connection: an HTTP response, or a WebSocket connection."""
+        address, client = _socket_endpoint(stream)
+        if not self.connections.take_socket(address):
+            # Sockets that never finish a request must not exhaust the process's files.
+            logger.debug("tcp client=%s refused: too many sockets open", client)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._serve_socket(stream, address, client)
+        finally:
+            self.connections.release_socket(address)
+
+    async def _serve_socket(self, stream: trio.SocketStream, address: str, client: str) -> None:
+        try:
+            deadline = trio.current_time() + self.config.handshake_timeout
+            head: _Head | None = None
+            with trio.move_on_at(deadline) as reading:
+                head = await _read_head(stream)
+            if head is None:
+                if reading.cancelled_caught:
+                    logger.debug("http client=%s: no complete request head in time", client)
+                else:
+                    logger.debug("http client=%s hung up before a complete request", client)
+                return
+            if head.request is not None and _is_upgrade(head.request):
+                await self._upgrade(stream, head.buffered, deadline, address, client)
+            else:
+                with trio.move_on_after(self.config.send_timeout):
+                    await self._answer(stream, head, client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.debug("http client=%s went away", client)
+        except Exception:  # never let one connection take the server down
+            logger.error("http client=%s: unexpected error", client, exc_info=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _upgrade(
+        self,
+        stream: trio.SocketStream,
+        buffered: bytes,
+        deadline: float,
+        address: str,
+        client: str,
+    ) -> None:
+        """Hand the connection to trio-websocket (the handshake by `deadline`), then serve it."""
+        async with trio.open_nursery() as nursery:  # the WebSocket reader's
+            request: WebSocketRequest | None = None
+            with trio.move_on_at(deadline):
+                request = await wrap_server_stream(
+                    nursery,
+                    _ReplayStream(stream, buffered),
+                    # The core checks the exact limit (and answers too_large); the WebSocket
+                    # layer only cuts off frames far over it, without buffering them whole.
+                    max_message_size=2 * self.config.max_message_bytes,
+                )
+            if request is None:
+                logger.debug("ws client=%s: no complete handshake in time", client)
+            else:
+                await _handle_request(
+                    self.hub,
+                    self.config,
+                    self.auth,
+                    self.connections,
+                    self.counters,
+                    address,
+                    client,
+                    request,
+                )
+            # An accepted connection has been closed by `_handle_request`, a refused one has
+            # had its response: stop the reader (it would wait for the client to hang up).
+            nursery.cancel_scope.cancel()
+
+    async def _answer(self, stream: trio.SocketStream, head: _Head, client: str) -> None:
+        """Send the response to a plain HTTP request (or a malformed head) and close."""
+        request = head.request
+        if request is None:
+            too_large = head.error_status == 431
+            response = error_response(
+                head.error_status,
+                ErrorCode.TOO_LARGE if too_large else ErrorCode.BAD_REQUEST,
+                f"the request head is over {_MAX_HEAD_BYTES} bytes"
+                if too_large
+                else "malformed HTTP/1.1 request",
+            )
+        else:
+            try:
+                response = self.router.route(
+                    request.method, request.target, list(request.headers), self, now=time.time()
+                )
+            except Exception:  # a bug (in a metrics collector, say): answer, and log it
+                logger.error("http client=%s: error while answering", client, exc_info=True)
+                response = error_response(500, ErrorCode.INTERNAL, "internal server error")
+        self.counters.http_requests[response.route, response.status] += 1
+        # One line per request, at DEBUG for successes (Prometheus scrapes every few seconds).
+        # The target and headers are not logged: a client may have put a token in them.
+        logger.log(
+            logging.INFO if response.status >= 400 else logging.DEBUG,
+            "http client=%s method=%s route=%s status=%d",
+            client,
+            "-" if request is None else request.method.decode("ascii", "replace"),
+            response.route,
+            response.status,
+        )
+        await stream.send_all(_encode_response(head.conn, response))
+        # Half-close, then read until the client hangs up (briefly): closing with unread data
+        # would send a reset, which can destroy the response before the client has read it.
+        with trio.move_on_after(_LINGER_SECONDS):
+            await stream.send_eof()
+            while await stream.receive_some(_RECEIVE_BYTES):
+                pass
+
+
+@attrs.frozen
+class _Head:
+    """A request head read with h11: the request, or why it is malformed; every byte read."""
+
+    conn: h11.Connection
+    request: h11.Request | None
+    error_status: int
+    buffered: bytes
+
+
+async def _read_head(stream: trio.SocketStream) -> _Head | None:
+    """Read up to a complete request head (or a malformed one); None if the client hung up."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_BYTES)
+    buffered = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            return _Head(conn, None, exc.error_status_hint, bytes(buffered))
+        if isinstance(event, h11.Request):
+            # h11 bounds only an incomplete head: one that came whole in one read is not.
+            if len(buffered) - len(conn.trailing_data[0]) > _MAX_HEAD_BYTES:
+                return _Head(conn, None, 431, bytes(buffered))
+            return _Head(conn, event, 0, bytes(buffered))
+        if event is not h11.NEED_DATA:  # ConnectionClosed: hung up before a request
+            return None
+        data = await stream.receive_some(_RECEIVE_BYTES)
+        if not data:
+            return None
+        buffered += data
+        conn.receive_data(data)
+
+
+def _encode_response(conn: h11.Connection, response: HttpResponse) -> bytes:
+    """The response's bytes, framed by h11 (``Connection: close``; no body for ``HEAD``)."""
+    headers = [*response.headers, ("Connection", "close")]
+    data = conn.send(
+        h11.Response(status_code=response.status, headers=headers, reason=response.reason)
+    )
+    if response.body:
+        data += conn.send(h11.Data(data=response.body))
+    data += conn.send(h11.EndOfMessage())
+    return data
+
+
+def _no_sync_latency() -> SyncLatencySnapshot | None:
+    return None
 
 
 async def _run_connections(
@@ -243,8 +530,32 @@ class _Connections:
         self.config = config
         self.open: set[_Connection] = set()
         self.per_address: Counter[str] = Counter()
+        # Every accepted socket, upgraded or not (HTTP requests, handshakes in progress).
+        self.sockets = 0
+        self.sockets_per_address: Counter[str] = Counter()
         self.closing = trio.Event()
         self.all_closed = trio.Event()  # set once closing and no connection is left
+
+    def take_socket(self, address: str) -> bool:
+        """Count an accepted socket; False when over the socket caps (close it at once).
+
+        The caps leave room above the WebSocket limits, so that a WebSocket client over them
+        still gets its 1013, while idle or slow sockets cannot pile up without bound.
+        """
+        config = self.config
+        if self.sockets >= config.max_connections + max(16, config.max_connections // 10):
+            return False
+        if self.sockets_per_address[address] >= config.max_connections_per_address + 8:
+            return False
+        self.sockets += 1
+        self.sockets_per_address[address] += 1
+        return True
+
+    def release_socket(self, address: str) -> None:
+        self.sockets -= 1
+        self.sockets_per_address[address] -= 1
+        if not self.sockets_per_address[address]:
+            del self.sockets_per_address[address]
 
     def admit(self, connection: _Connection) -> tuple[int, str] | None:
         """Register `connection`, or say with which close code and reason it is refused."""
@@ -278,16 +589,9 @@ class _Connections:
         self.closing.set()
         if not self.open:
             self.all_closed.set()
+        deadline = trio.current_time() + self.config.close_timeout
         for connection in list(self.open):
-            connection.finish(CloseCode.GOING_AWAY, "server shutting down")
-
-
-def _client_endpoint(request: WebSocketRequest) -> tuple[str, str]:
-    """The client's ``(address, "address:port")``: the first for limits, the second for logs."""
-    remote = request.remote
-    if isinstance(remote, Endpoint):
-        return str(remote.address), f"{remote.address}:{remote.port}"
-    return str(remote), str(remote)
+            connection.shut_down(deadline)
 
 
 async def _handle_request(
@@ -295,10 +599,16 @@ async def _handle_request(
     config: ServerConfig,
     auth: Authenticator | None,
     connections: _Connections,
+    counters: ServerCounters,
+    address: str,
+    client: str,
     request: WebSocketRequest,
 ) -> None:
-    """One connection, from the handshake to the close. Never raises (but `Cancelled`)."""
-    address, client = _client_endpoint(request)
+    """One connection, from the handshake to the close. Never raises (but `Cancelled`).
+
+    `address` is the client's IP address (for the per-address limit), `client` its
+    ``address:port`` (for logs).
+    """
     try:
         stream_request = parse_stream_request(request.path, request.headers)
     except ProtocolError as exc:
@@ -306,6 +616,7 @@ async def _handle_request(
         logger.info(
             "ws rejected client=%s status=%d code=%s", client, exc.code.http_status, exc.code
         )
+        counters.http_requests["/v1/streams", exc.code.http_status] += 1
         try:
             await request.reject(exc.code.http_status, body=encode_message(exc.to_message()))
         except ConnectionClosed:
@@ -316,16 +627,32 @@ async def _handle_request(
     except ConnectionClosed:
         logger.info("ws client=%s went away during the handshake", client)
         return
-    connection = _Connection(hub, config, auth, ws, stream_request, address, client)
+    counters.http_requests["/v1/streams", 101] += 1
+    connection = _Connection(hub, config, auth, ws, stream_request, address, client, counters)
     refusal = connections.admit(connection)
-    if refusal is not None:
-        connection.finish(*refusal)
-        await connection.close()
-        return
     try:
-        await connection.run()
+        if refusal is not None:
+            connection.finish(*refusal)
+            await connection.close()
+            return
+        try:
+            await connection.run()
+        finally:
+            connections.release(connection)
     finally:
-        connections.release(connection)
+        if connection.close_code is not None:
+            code = connection.close_code
+            # The client chooses its close code: any outside RFC 6455's range and ours is one
+            # label, so that clients cannot grow the metric's label set.
+            counters.connections_closed[str(code) if code in _COUNTED_CLOSE_CODES else "other"] += 1
+
+
+_COUNTED_CLOSE_CODES: Final = frozenset(range(1000, 1016)) | frozenset(CloseCode)
+
+
+def _first_leaf(group: BaseExceptionGroup[ConnectionClosed]) -> ConnectionClosed:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 #: Bytes of stored JSON to read per `read_raw` call while replaying a backlog (about): large
@@ -360,8 +687,10 @@ class _Connection:
         request: StreamRequest,
         address: str,
         client: str,
+        counters: ServerCounters,
     ) -> None:
         self.hub = hub
+        self.counters = counters
         self.config = config
         self.auth = auth
         self.ws = ws
@@ -377,6 +706,10 @@ class _Connection:
         # while a send is waiting, infinite while none is.
         self.send_timer = trio.CancelScope()
         self.sending = 0
+        # Shielded sends in progress, and the time by which everything must be over (set at
+        # server shutdown: a shielded send would otherwise outlive close_timeout).
+        self.send_scopes: set[trio.CancelScope] = set()
+        self.hard_deadline = math.inf
         self.last_heard = trio.current_time()
         self.publish_tokens = float(config.publish_burst)
         self.publish_refilled = self.last_heard
@@ -403,11 +736,19 @@ class _Connection:
             )
         self.tasks.cancel()
 
+    def shut_down(self, deadline: float) -> None:
+        """The server is stopping: close with 1001, and be done by `deadline` whatever happens."""
+        self.hard_deadline = deadline
+        for scope in self.send_scopes:
+            scope.deadline = min(scope.deadline, deadline)
+        self.finish(CloseCode.GOING_AWAY, "server shutting down")
+
     def finish_closed(self, exc: ConnectionClosed) -> None:
         """The connection was closed under us (by the client or the WebSocket layer)."""
         reason = exc.reason
         code = CloseCode.NORMAL if reason is None else reason.code
-        text = "closed" if reason is None else f"closed: {reason.name} {reason.reason or ''}"
+        # The reason is the client's text: repr() keeps it on one log line, whatever it holds.
+        text = "closed" if reason is None else f"closed: {reason.name} {reason.reason or ''!r}"
         self.finish(code, text.strip())
 
     def fail(self) -> None:
@@ -415,6 +756,8 @@ class _Connection:
 
         Only the first one is logged as an error: a second one is a consequence of closing.
         """
+        if self.close_code is None:
+            self.counters.internal_errors += 1
         logger.log(
             logging.ERROR if self.close_code is None else logging.DEBUG,
             "ws stream=%s client=%s: unexpected error",
@@ -425,7 +768,8 @@ class _Connection:
         self.finish(CloseCode.INTERNAL, "internal server error")
 
     def note_refused(self, code: ErrorCode) -> None:
-        """Log a refused client message once per code and connection: a flood is one line."""
+        """Count a refused client message; log it once per code and connection."""
+        self.counters.refused_messages[code.value] += 1
         if code not in self.refused_codes:
             self.refused_codes.add(code)
             logger.info(
@@ -438,16 +782,18 @@ class _Connection:
             )
 
     async def run(self) -> None:
+        # `except*`: what ends the connection may come wrapped by its nursery (a send in the
+        # nursery's body that finds the client gone, say).
         try:
             with self.tasks:
                 await self._serve()
-        except StreamClosed:
+        except* StreamClosed:
             self.finish(CloseCode.GOING_AWAY, "server shutting down")
-        except TooManyStreams:
+        except* TooManyStreams:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
-        except ConnectionClosed as exc:
-            self.finish_closed(exc)
-        except Exception:
+        except* ConnectionClosed as group:
+            self.finish_closed(_first_leaf(group))
+        except* Exception:
             self.fail()
         finally:
             if self.close_code is None:  # cancelled from outside: the server is shutting down
@@ -458,7 +804,9 @@ class _Connection:
         """Send the close frame (after ``error``/``internal`` for 1011), within close_timeout."""
         assert self.close_code is not None
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.config.close_timeout
+            scope.deadline = min(
+                trio.current_time() + self.config.close_timeout, self.hard_deadline
+            )
             try:
                 if self.close_code == CloseCode.INTERNAL:
                     error = Error(ErrorCode.INTERNAL, "internal server error; reconnect")
@@ -484,8 +832,14 @@ class _Connection:
         self.sending += 1
         try:
             with trio.CancelScope(shield=True) as scope:
-                scope.deadline = now + send_timeout + self.config.close_timeout
-                await self.ws.send_message(data)
+                scope.deadline = min(
+                    now + send_timeout + self.config.close_timeout, self.hard_deadline
+                )
+                self.send_scopes.add(scope)
+                try:
+                    await self.ws.send_message(data)
+                finally:
+                    self.send_scopes.discard(scope)
         finally:
             self.sending -= 1
             self.send_timer.deadline = (
