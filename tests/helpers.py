@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import attrs
+import orjson
 import trio
+from trio_websocket import WebSocketConnection
 
 import trio_events as te
 from trio_events.events import PayloadRegistry
@@ -147,3 +150,26 @@ def server_runner(default: ServerConfig) -> Running:
             scope.cancel()
 
     return running
+
+
+async def recv(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next message of a protocol v1 connection, decoded."""
+    data = await ws.get_message()
+    assert isinstance(data, str)
+    msg = orjson.loads(data)
+    assert isinstance(msg, dict)
+    return msg
+
+
+async def send(ws: WebSocketConnection, msg: object) -> None:
+    await ws.send_message(orjson.dumps(msg).decode())
+
+
+async def until_caught_up(ws: WebSocketConnection) -> list[dict[str, Any]]:
+    """Every message up to and including ``caught_up``."""
+    out = []
+    while True:
+        msg = await recv(ws)
+        out.append(msg)
+        if msg["op"] == "caught_up":
+            return out

@@ -24,13 +24,14 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 import trio_events as te
+from helpers import recv, server_runner
 from trio_events.store.log import SyncLatency
 from trio_events.wire.auth import AnyOf, Authenticator, JwtAuthenticator, StaticTokens
 from trio_events.wire.http import Health, HttpRouter, StaticFile
-from trio_events.wire.server import ServerConfig, serve_streams
+from trio_events.wire.server import ServerConfig
 
 TIMEOUT = 20
 READER = "reader-token-0123456789abcdef"
@@ -64,22 +65,18 @@ SECRETS = (READER, JWT_SECRET, READ_ALL, PUBLISH_ALL)
 CONFIG = ServerConfig(close_timeout=5)
 
 
+_running = server_runner(CONFIG)
+
+
 @asynccontextmanager
 async def serving(
     hub: te.EventHub,
     config: ServerConfig = CONFIG,
     auth: Authenticator | None = None,
 ) -> AsyncIterator[tuple[int, trio.CancelScope]]:
-    async with trio.open_nursery() as nursery:
-        scope = trio.CancelScope()
-
-        async def run(*, task_status: trio.TaskStatus[int]) -> None:
-            with scope:
-                await serve_streams(hub, config=config, auth=auth, task_status=task_status)
-
-        port = await nursery.start(run)
-        yield port, scope
-        scope.cancel()
+    """Serve `hub` for the body: (the port, the cancel scope that stops the server)."""
+    async with _running(hub, config, auth=auth) as server:
+        yield server.port, server.scope
 
 
 @attrs.frozen
@@ -153,14 +150,6 @@ async def scrape(port: int, headers: list[tuple[str, str]] | None = None) -> dic
 
 def url(port: int, target: str = "/v1/streams/s") -> str:
     return f"ws://127.0.0.1:{port}{target}"
-
-
-async def recv(ws: WebSocketConnection) -> dict[str, Any]:
-    data = await ws.get_message()
-    assert isinstance(data, str)
-    msg = orjson.loads(data)
-    assert isinstance(msg, dict)
-    return msg
 
 
 def publish_msg(req: int) -> bytes:

@@ -19,8 +19,9 @@ import wsproto.events as wse
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import trio_events as te
+from helpers import recv, send, server_runner, until_caught_up
 from trio_events.wire.auth import AnyOf, Authenticator, JwtAuthenticator, StaticTokens
-from trio_events.wire.server import ServerConfig, serve_streams
+from trio_events.wire.server import ServerConfig
 
 TIMEOUT = 20
 READER = "reader-token-0123456789abcdef"
@@ -67,22 +68,18 @@ def mint(streams: list[str], permissions: list[str], expires_in: float, sub: str
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
+_running = server_runner(CONFIG)
+
+
 @asynccontextmanager
 async def serving(
     hub: te.EventHub,
     config: ServerConfig = CONFIG,
     auth: Authenticator | None = AUTH,
 ) -> AsyncIterator[tuple[int, trio.CancelScope]]:
-    async with trio.open_nursery() as nursery:
-        scope = trio.CancelScope()
-
-        async def run(*, task_status: trio.TaskStatus[int]) -> None:
-            with scope:
-                await serve_streams(hub, config=config, auth=auth, task_status=task_status)
-
-        port = await nursery.start(run)
-        yield port, scope
-        scope.cancel()
+    """Serve `hub` for the body: (the port, the cancel scope that stops the server)."""
+    async with _running(hub, config, auth=auth) as server:
+        yield server.port, server.scope
 
 
 def url(port: int, target: str = "/v1/streams/s") -> str:
@@ -93,18 +90,6 @@ def bearer(token: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {token}")]
 
 
-async def recv(ws: WebSocketConnection) -> dict[str, Any]:
-    data = await ws.get_message()
-    assert isinstance(data, str)
-    msg = orjson.loads(data)
-    assert isinstance(msg, dict)
-    return msg
-
-
-async def send(ws: WebSocketConnection, msg: object) -> None:
-    await ws.send_message(orjson.dumps(msg).decode())
-
-
 async def messages_until_close(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int]:
     """Every message until the connection closes, and the close code."""
     out = []
@@ -113,14 +98,6 @@ async def messages_until_close(ws: WebSocketConnection) -> tuple[list[dict[str, 
             out.append(await recv(ws))
     assert info.value.reason is not None
     return out, info.value.reason.code
-
-
-async def until_caught_up(ws: WebSocketConnection) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        out.append(await recv(ws))
-        if out[-1]["op"] == "caught_up":
-            return out
 
 
 def publish_msg(req: int, n: int = 0) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from trio_websocket import (
 )
 
 import trio_events as te
-from helpers import count_tasks, server_runner
+from helpers import count_tasks, recv, send, server_runner, until_caught_up
 from trio_events.wire import server as server_module
 from trio_events.wire.protocol import (
     ProtocolError,
@@ -35,28 +35,6 @@ TIMEOUT = 15
 
 
 running = server_runner(CFG)
-
-
-async def recv(ws: WebSocketConnection) -> dict[str, Any]:
-    data = await ws.get_message()
-    assert isinstance(data, str)
-    msg = orjson.loads(data)
-    assert isinstance(msg, dict)
-    return msg
-
-
-async def send(ws: WebSocketConnection, msg: object) -> None:
-    await ws.send_message(orjson.dumps(msg).decode())
-
-
-async def until_caught_up(ws: WebSocketConnection) -> list[dict[str, Any]]:
-    """Every message up to and including ``caught_up``."""
-    out = []
-    while True:
-        msg = await recv(ws)
-        out.append(msg)
-        if msg["op"] == "caught_up":
-            return out
 
 
 def event_ids(messages: list[dict[str, Any]]) -> list[int]:

@@ -58,7 +58,7 @@ from .events import (
 )
 from .filters import EventFilter
 from .secrets import SecretMasker
-from .store.base import EventStore, RawEvents, StreamLog, _check_read_raw_args, check_stream_id
+from .store.base import EventStore, RawEvents, StreamLog, _check_range_args, check_stream_id
 from .store.memory import MemoryStore
 from .subscribers import (
     Callback,
@@ -774,12 +774,7 @@ class EventStream:
         Raises:
             HistoryTruncated: when the search reaches events the store no longer retains.
         """
-        if type(start_id) is not int or start_id < 0:
-            raise ValueError(f"start_id is an event id >= 0, not {start_id!r}")
-        if end_id is not None and type(end_id) is not int:
-            raise ValueError(f"end_id is None or an event id, not {end_id!r}")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise ValueError(f"limit is None or an integer >= 0, not {limit!r}")
+        _check_range_args(start_id, end_id, limit)
         last = self._log.last_id if end_id is None else min(end_id, self._log.last_id)
         remaining = limit
         low, high = start_id, last
@@ -820,7 +815,7 @@ class EventStream:
             HistoryTruncated: `start_id` is older than what the store retains.
             CorruptLogError: a stored record in the range is damaged (`LogStore`).
         """
-        _check_read_raw_args(start_id, end_id, limit)
+        _check_range_args(start_id, end_id, limit)
         return await self._log.read_raw(start_id, end_id, limit=limit)
 
     async def get_event(self, id: int) -> Event:

@@ -64,9 +64,9 @@ class RawEvents:
         return len(self.bodies)
 
 
-def _check_read_raw_args(start_id: object, end_id: object, limit: object) -> None:
-    """Raise `ValueError` unless these are valid `read_raw` arguments (the same checks and
-    messages as `EventStream.search_events`)."""
+def _check_range_args(start_id: object, end_id: object, limit: object) -> None:
+    """Raise `ValueError` unless these are a valid id range and limit (`read_raw`,
+    `EventStream.search_events` and `EventStream.read_raw` all check them here)."""
     if type(start_id) is not int or start_id < 0:
         raise ValueError(f"start_id is an event id >= 0, not {start_id!r}")
     if end_id is not None and type(end_id) is not int:

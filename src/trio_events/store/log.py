@@ -48,7 +48,7 @@ import trio
 from .._checks import check_int
 from ..errors import CorruptLogError, HistoryTruncated
 from ..events import Event, PayloadRegistry, encode_event, event_from_dict
-from .base import RawEvents, _check_read_raw_args, _raw_high, check_stream_id
+from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
 
 __all__ = [
     "CorruptLogError",
@@ -880,7 +880,7 @@ class LogStreamLog:
             HistoryTruncated: `start_id` is below `first_id` (retention removed it).
             CorruptLogError: a record in the range is damaged (names the file and offset).
         """
-        _check_read_raw_args(start_id, end_id, limit)
+        _check_range_args(start_id, end_id, limit)
         high = _raw_high(start_id, end_id, limit, self._last_id)
         if start_id > high:
             await trio.lowlevel.checkpoint()

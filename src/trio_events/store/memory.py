@@ -10,7 +10,7 @@ import trio
 from .._checks import check_int
 from ..errors import HistoryTruncated
 from ..events import Event, PayloadRegistry, default_registry, encode_event
-from .base import RawEvents, _check_read_raw_args, _raw_high, check_stream_id
+from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
 
 __all__ = ["MemoryStore", "MemoryStreamLog"]
 
@@ -96,7 +96,7 @@ class MemoryStreamLog:
         self, start_id: int, end_id: int | None = None, *, limit: int | None = None
     ) -> RawEvents:
         """The JSON of events ``start_id..end_id`` (at most `limit`): the events' cached JSON."""
-        _check_read_raw_args(start_id, end_id, limit)
+        _check_range_args(start_id, end_id, limit)
         await trio.lowlevel.checkpoint()
         high = _raw_high(start_id, end_id, limit, self.last_id)
         if start_id > high:

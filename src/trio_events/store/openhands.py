@@ -48,7 +48,7 @@ import trio
 from ..errors import EventEncodeError, HistoryTruncated
 from ..events import Event, PayloadRegistry, encode_event
 from ..openhands import OpenHandsFormatError, event_from_openhands, event_to_openhands
-from .base import RawEvents, _check_read_raw_args, _raw_high, check_stream_id
+from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
 from .log import _lock_stream, _unlock_stream
 
 __all__ = ["OpenHandsStore", "OpenHandsStreamLog"]
@@ -256,7 +256,7 @@ class OpenHandsStreamLog:
         The files hold OpenHands' event dicts, not this library's event JSON: each event is
         read and decoded as `read` does, then encoded (in the same worker thread).
         """
-        _check_read_raw_args(start_id, end_id, limit)
+        _check_range_args(start_id, end_id, limit)
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise RuntimeError(f"conversation {self._sid!r} is closed")

@@ -43,7 +43,7 @@ from jwt.algorithms import HMACAlgorithm
 
 from ..errors import InvalidStreamId
 from ..store.base import check_stream_id
-from .protocol import ErrorCode, ProtocolError
+from .protocol import ErrorCode, ProtocolError, _json_type
 
 __all__ = [
     "ALLOW_ALL",
@@ -93,22 +93,6 @@ def _label_problem(label: object) -> str | None:
     if not label.isprintable():
         return "has a control character (it is written to logs); use printable characters"
     return None
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _found(value: object) -> str:

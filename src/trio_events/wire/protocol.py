@@ -429,11 +429,11 @@ def _json_type(value: object) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "an array"
     if isinstance(value, dict):
         return "an object"
-    return type(value).__name__  # pragma: no cover - orjson produces only the above
+    return type(value).__name__
 
 
 def _names(keys: Iterable[str]) -> str:
