@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +199,10 @@ def test_publishing_from_the_page_shows_the_assigned_id(
     publish(server.url("p"), [chat("already here")])
     # The page served from another origin, pointed at the server with ?server=.
     page.goto(viewer_url(server, site, stream="p"))
+    # Another origin than the page's: nothing connects until Connect is pressed.
+    expect(page.locator("#message")).to_contain_text(f"another server, 127.0.0.1:{server.port}")
+    expect(page.locator("#state")).to_have_text("closed")
+    page.locator("#connect").click()
     expect(page.locator("#state")).to_have_text("connected")
 
     page.locator("#publish-panel summary").click()
@@ -246,3 +253,118 @@ def test_a_wrong_token_shows_a_clear_message(page: Page, tmp_path: Path) -> None
         expect(page.locator("#message")).not_to_have_class("error")
     finally:
         serve.kill()
+
+
+#: A fake WebSocket for the module in the page: it records every socket opened, and the test
+#: drives each one's messages and close by hand.
+FAKE_SOCKET = """() => {
+window.sockets = [];
+window.WebSocket = class FakeSocket {
+  static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+  constructor(url) { this.url = url; this.readyState = 0; window.sockets.push(this); }
+  send() {}
+  close() { this.readyState = 3; }
+};
+}"""
+HELLO = {"op": "hello", "protocol": 1, "stream": "s", "epoch": "e1", "latest_id": -1, "after": -1}
+
+
+@pytest.mark.parametrize("callback", ["onState", "onClose"])
+def test_disconnect_from_a_callback_after_a_drop_stays_closed(
+    page: Page, site: str, callback: str
+) -> None:
+    page.goto(f"{site}/")  # no ?stream=: the viewer itself connects to nothing
+    page.evaluate(FAKE_SOCKET)
+    result = page.evaluate(
+        """async ([callback, hello]) => {
+          const { connect } = await import("/trio-events.js");
+          let conn;
+          const seen = [];
+          conn = connect("ws://127.0.0.1:1/v1/streams/s", {
+            reconnect: { baseMs: 5, capMs: 5 },
+            onState: (state) => {
+              seen.push(state);
+              if (callback === "onState" && state === "reconnecting") conn.disconnect();
+            },
+            onClose: () => { if (callback === "onClose") conn.disconnect(); },
+          });
+          const ws = window.sockets[0];
+          ws.readyState = 1;
+          ws.onmessage({ data: JSON.stringify(hello) });
+          ws.readyState = 3;
+          ws.onclose({ code: 1006, reason: "" });
+          // Ten times the reconnect delay: a reconnect would have opened its socket by then.
+          await new Promise((resolve) => setTimeout(resolve, 50));
+          return { state: conn.state, sockets: window.sockets.length, seen };
+        }""",
+        [callback, HELLO],
+    )
+    assert result["state"] == "closed", result
+    assert result["sockets"] == 1, result  # no reconnect
+
+
+def test_resuming_after_a_long_pause_shows_the_last_events_and_the_skipped_count(
+    page: Page, server: ServeProcess
+) -> None:
+    publish(server.url("k"), [chat(f"before {i}") for i in range(3)])
+    page.goto(viewer_url(server, stream="k", keep="50"))  # keep: MAX_KEPT lowered to 50
+    rows = page.locator("#events .row[data-id] .id")
+    expect(rows).to_have_text(ids(2, 1, 0))
+
+    page.locator("#pause").click()
+    publish(server.url("k"), [chat(f"while paused {i}") for i in range(120)])  # ids 3..122
+    expect(page.locator("#fig-pending")).to_have_text("120")
+    expect(page.locator("#pause")).to_have_text("Resume (120)")
+    page.locator("#pause").click()
+
+    # The last 50 (73..122), the marker for the 70 skipped, then what was shown before.
+    expect(rows).to_have_text(ids(*range(122, 72, -1), 2, 1, 0))
+    expect(page.locator("#events .row.skipped")).to_have_text(
+        re.compile(r"^70 events skipped while paused \(ids 3 to 72\); connect with after=2 ")
+    )
+    expect(page.locator("#message")).to_have_text(
+        re.compile(r"^70 events skipped while paused \(ids 3 to 72\): only the last 50 were kept")
+    )
+    expect(page.locator("#fig-total")).to_have_text("123")
+    expect(page.locator("#fig-pending")).to_have_text("0")
+    expect(page.locator("#pause")).to_have_text("Pause")
+
+
+def test_a_link_to_another_server_sends_no_stored_token(page: Page, site: str) -> None:
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(0.1)
+        port = listener.getsockname()[1]
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(1.0)
+                    try:
+                        received.append(conn.recv(65536) or b"(connected)")
+                    except TimeoutError:
+                        received.append(b"(connected)")
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            page.goto(f"{site}/")
+            page.evaluate(f"sessionStorage.setItem('trio-events.token', {json.dumps(TOKEN)})")
+            page.goto(f"{site}/?{urlencode({'server': f'ws://127.0.0.1:{port}', 'stream': 's'})}")
+            expect(page.locator("#message")).to_contain_text(f"another server, 127.0.0.1:{port}")
+            expect(page.locator("#state")).to_have_text("closed")
+            expect(page.locator("#token")).to_have_value("")
+            expect(page.locator("#stream")).to_have_value("s")
+            # A connection attempt starts as the page loads; give it a moment to arrive.
+            deadline = time.monotonic() + 0.5
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join()
+    assert received == [], f"the page connected to the other server: {received!r}"

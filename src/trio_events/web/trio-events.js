@@ -32,6 +32,12 @@ const STREAM_ID = /^[A-Za-z0-9._-]{1,128}$/;
 const TOKEN = /^[A-Za-z0-9._~+/-]+=*$/;
 const MANAGED = ["after", "latest_event_id", "token"];
 const FILTER_PARAMS = ["types", "source", "exclude_hidden", "q"];
+const SOURCES = ["user", "agent", "environment"];
+const BOOLEANS = ["true", "false", "1", "0"];
+/** The longest delay setTimeout honours (2^31 - 1 ms); a longer one fires at once. */
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+/** Failures in a row before any hello after which onError reports `handshake_refused`. */
+const REFUSED_REPORT_AFTER = 5;
 
 /**
  * An error of this client. `code` says which kind:
@@ -43,6 +49,8 @@ const FILTER_PARAMS = ["types", "source", "exclude_hidden", "q"];
  *   answer; it may or may not be stored, and it was not re-sent;
  * - `not_connected`: nothing was sent (no connection in time, or the connection is closed);
  * - `reconnect_failed`: `reconnect.maxAttempts` attempts in a row failed;
+ * - `handshake_refused`: (reported by onError, not final) the server refused the connection
+ *   several times in a row before any hello: check the URL, stream id, filters and token;
  * - `protocol`: the server sent something this client cannot read.
  */
 export class TrioEventsError extends Error {
@@ -160,7 +168,15 @@ export class Connection {
     /** @private */ this._opts = options;
     /** @private */ this._reconnect = { enabled: true, maxAttempts: Infinity, baseMs: 250,
       capMs: 10000, jitter: 0.5, ...(options.reconnect ?? {}) };
-    /** @private */ this._publishTimeoutMs = options.publishTimeoutMs ?? 30000;
+    const publishTimeoutMs = options.publishTimeoutMs ?? 30000;
+    if (typeof publishTimeoutMs !== "number" || Number.isNaN(publishTimeoutMs) || publishTimeoutMs < 0) {
+      throw new TypeError(`publishTimeoutMs is a number of ms >= 0, not ${String(publishTimeoutMs)}`);
+    }
+    // setTimeout fires at once for more than 2^31 - 1 ms (Infinity included): clamp (~24.8 days).
+    /** @private */ this._publishTimeoutMs = Math.min(publishTimeoutMs, MAX_TIMEOUT_MS);
+    /** @private */ this._closedByUser = false;
+    /** @private Failed connections in a row without a hello (for `handshake_refused`). */
+    this._refusedInARow = 0;
     /** The stream id, from the url. */
     this.streamId = decodeURIComponent(base.slice(base.lastIndexOf("/") + 1));
     /** The epoch of the stream's history, from the first `hello` (null before). */
@@ -244,11 +260,17 @@ export class Connection {
 
   /** Close for good: no reconnect. Publishes not yet answered are rejected. */
   disconnect() {
+    this._closedByUser = true;
     if (this.state === "closed") return;
     this._finish(null, CloseCode.NORMAL, "disconnect() called");
   }
 
   // --- internals -------------------------------------------------------------------------------
+
+  /** @private True once closed (by disconnect() or for good): stop after any user callback. */
+  _ended() {
+    return this._closedByUser || this.state === "closed";
+  }
 
   /** @private */
   _url() {
@@ -266,6 +288,7 @@ export class Connection {
 
   /** @private */
   _open() {
+    if (this._ended()) return;
     this._helloSeen = false;
     this._refusal = null;
     let ws;
@@ -299,6 +322,7 @@ export class Connection {
       return;
     }
     this._opts.onMessage?.(msg);
+    if (this._ended()) return;
     if (!this._helloSeen) {
       this._opening(msg);
       return;
@@ -353,10 +377,12 @@ export class Connection {
       this.lastId = msg.after;
     }
     this._helloSeen = true;
+    this._refusedInARow = 0;
     this.connections += 1;
     this.attempt = 0;
     this.headId = Math.max(this.headId, msg.latest_id);
     this._setState("open");
+    if (this._ended() || !this._ws) return;
     for (const { data } of this._queue.splice(0)) this._ws.send(data);
     this._opts.onOpen?.(msg);
   }
@@ -369,11 +395,13 @@ export class Connection {
       if (event.id !== this.lastId + 1 && !this._filtered) {
         // A hole without a gap message: never skip silently.
         this._opts.onGap?.({ from: this.lastId + 1, to: event.id - 1 });
+        if (this._ended()) return;
       }
       this.lastId = event.id;
       this.headId = Math.max(this.headId, event.id);
       fresh.push(event);
       this._opts.onEvent?.(event);
+      if (this._ended()) return; // disconnect() in onEvent: deliver nothing more
     }
     if (fresh.length) this._opts.onEvents?.(fresh);
   }
@@ -425,6 +453,7 @@ export class Connection {
   /** @private The server broke the protocol: drop this connection and resume. */
   _drop(why) {
     this._opts.onError?.(new TrioEventsError("protocol", why));
+    if (this._ended()) return;
     const ws = this._ws;
     this._ws = null;
     ws?.close(CloseCode.NORMAL);
@@ -434,6 +463,7 @@ export class Connection {
   /** @private */
   _onClose(code, reason, detached = false) {
     if (!detached) this._ws = null;
+    if (this._ended()) return;
     this._failSent();
     const helloSeen = this._helloSeen;
     const refusal = this._refusal;
@@ -462,11 +492,26 @@ export class Connection {
           "reconnect is disabled"));
       return;
     }
+    if (!helloSeen) this._refusedInARow += 1;
     this._closeNotify(code, reason, true);
-    const delayMs = backoffDelay(failures, Math.random(), this._reconnect);
+    if (this._ended()) return; // disconnect() in onClose
+    if (this._refusedInARow === REFUSED_REPORT_AFTER) {
+      // A handshake refused by an HTTP status is only a 1006 to a browser: say so once.
+      this._opts.onError?.(new TrioEventsError("handshake_refused",
+        `the server refused the connection ${this._refusedInARow} times before hello: check ` +
+        "the URL, stream id, filters and token (the server's log, the Python client or " +
+        "`trio-events tail` show the HTTP status)"));
+      if (this._ended()) return;
+    }
+    const delayMs = Math.min(backoffDelay(failures, Math.random(), this._reconnect), MAX_TIMEOUT_MS);
     this.attempt = failures + 1;
     this._setState("reconnecting", { delayMs });
-    this._timer = setTimeout(() => { this._timer = null; this._open(); }, delayMs);
+    if (this._ended()) return; // disconnect() in onState
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      if (this._ended()) return;
+      this._open();
+    }, delayMs);
   }
 
   /** @private */
@@ -532,6 +577,25 @@ function checkUrl(url, params) {
       throw new TypeError(`unknown parameter ${JSON.stringify(name)}: params may hold ${FILTER_PARAMS.join(", ")}`);
     }
   }
+  for (const [name, value] of Object.entries(params)) {
+    if (value === undefined || value === null || value === "") continue;
+    checkParam(name, value);
+  }
   const filtered = Object.values(params).some((v) => v !== undefined && v !== null && v !== "");
   return { base: `${parsed.protocol}//${parsed.host}/v1/streams/${encodeURIComponent(streamId)}`, filtered };
+}
+
+/** Check one filter value as the server does (it refuses a bad one before hello). */
+function checkParam(name, value) {
+  const text = Array.isArray(value) ? value.join(",") : String(value);
+  if (name === "source" && !SOURCES.includes(text)) {
+    throw new TypeError(`params.source is one of ${SOURCES.join(", ")}, not ${JSON.stringify(text)}`);
+  }
+  if (name === "exclude_hidden" && !BOOLEANS.includes(text.toLowerCase())) {
+    throw new TypeError(`params.exclude_hidden is true or false (or 1 or 0), not ${JSON.stringify(text)}`);
+  }
+  if (name === "types" && text.split(",").some((t) => t.length === 0 || t.length > 256)) {
+    throw new TypeError("params.types is a comma-separated list of type names, each 1 to 256 " +
+      `characters, not ${JSON.stringify(text)}`);
+  }
 }

@@ -3,7 +3,9 @@
  *
  * Query parameters of the page: `stream` (connect to it at once) and `server` (a ws:// or wss://
  * origin; default: this page's own host). The token is typed into the page and kept in
- * sessionStorage: it never appears in the address bar.
+ * sessionStorage: it never appears in the address bar. When `server` names another host than the
+ * page's own, the stored token is not loaded and nothing connects until Connect is pressed (a
+ * crafted link must not send the token elsewhere). `keep` (tests) lowers MAX_KEPT.
  *
  * Event data is only ever rendered with textContent (never innerHTML): payloads are untrusted.
  */
@@ -12,7 +14,10 @@ import { connect } from "./trio-events.js";
 /** Rows kept in the DOM; older ones are removed (the "events" figure counts them all). */
 const MAX_ROWS = 2000;
 /** Events kept in memory for re-filtering; older ones are forgotten. */
-const MAX_KEPT = 20000;
+const MAX_KEPT = (() => {
+  const keep = Number(new URLSearchParams(location.search).get("keep"));
+  return Number.isSafeInteger(keep) && keep > 0 && keep < 20000 ? keep : 20000;
+})();
 const RATE_WINDOW_MS = 5000;
 const STREAMS_KEY = "trio-events.streams";
 const TOKEN_KEY = "trio-events.token";
@@ -32,13 +37,17 @@ const ui = {
 const view = {
   /** @type {import("./trio-events.js").Connection | null} */ conn: null,
   /** Events (and gap markers) received and shown, oldest first. */ kept: [],
-  /** Events received while paused. */ pending: [],
+  /** Events received while paused (the last MAX_KEPT or so). */ pending: [],
+  /** Events received while paused (all of them). */ pendingCount: 0,
+  /** Events received while paused and dropped (older than the last MAX_KEPT), and their ids. */
+  skipped: 0, skippedFrom: -1, skippedTo: -1,
   paused: false,
   total: 0,
   lastShown: -1,
   /** [time, count] of recent frames, for events/s. */ arrivals: [],
 };
 
+/** The server's ws:// origin, and whether it is another host than the page's own. */
 function serverBase() {
   const override = new URLSearchParams(location.search).get("server");
   if (override) {
@@ -46,9 +55,19 @@ function serverBase() {
     if (url.protocol !== "ws:" && url.protocol !== "wss:") {
       throw new Error(`?server= must be a ws:// or wss:// address, not ${url.protocol}//`);
     }
-    return `${url.protocol}//${url.host}`;
+    return { base: `${url.protocol}//${url.host}`, host: url.host, foreign: url.host !== location.host };
   }
-  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}`;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  return { base: `${scheme}://${location.host}`, host: location.host, foreign: false };
+}
+
+/** serverBase(), or null when ?server= is malformed (treated as foreign: never auto-connect). */
+function serverInfo() {
+  try {
+    return serverBase();
+  } catch {
+    return null;
+  }
 }
 
 // --- remembered streams and token --------------------------------------------------------------
@@ -101,14 +120,14 @@ function updateFigures() {
   ui.last.textContent = view.lastShown >= 0 ? String(view.lastShown) : "–";
   const head = view.conn ? view.conn.headId : -1;
   ui.lag.textContent = String(Math.max(0, head - view.lastShown));
-  ui.pending.textContent = String(view.pending.length);
-  ui.pause.textContent = view.paused ? `Resume (${view.pending.length})` : "Pause";
+  ui.pending.textContent = String(view.pendingCount);
+  ui.pause.textContent = view.paused ? `Resume (${view.pendingCount})` : "Pause";
 }
 
 // --- rows --------------------------------------------------------------------------------------
 
 function matches(item) {
-  if (item.gap) return true;
+  if (item.gap || item.skipped) return true;
   if (item.hidden && !ui.hidden.checked) return false;
   const type = ui.type.value.trim().toLowerCase();
   if (type && !item.type.toLowerCase().includes(type)) return false;
@@ -130,6 +149,12 @@ function makeRow(item) {
   if (item.gap) {
     row.className = "row gap";
     row.append(cell("text", `events ${item.from} to ${item.to} are no longer available`));
+    return row;
+  }
+  if (item.skipped) {
+    row.className = "row gap skipped";
+    row.append(cell("text", `${item.count} events skipped while paused (ids ${item.from} to ` +
+      `${item.to}); connect with after=${item.from - 1} to replay them`));
     return row;
   }
   row.className = item.hidden ? "row hidden-event" : "row";
@@ -174,17 +199,38 @@ function rerender() {
 
 /** Show `items` (events and gap markers, oldest first): keep them and render the matching. */
 function show(items) {
-  view.kept.push(...items);
+  for (const item of items) if (item.id !== undefined) view.lastShown = item.id;
+  // Never spread an array of any length (the stack limit): keep and render only the tail.
+  const tail = items.length > MAX_KEPT ? items.slice(-MAX_KEPT) : items;
+  for (const item of tail) view.kept.push(item);
   if (view.kept.length > MAX_KEPT) view.kept.splice(0, view.kept.length - MAX_KEPT);
-  for (const item of items) if (!item.gap) view.lastShown = item.id;
-  addRows(items);
+  addRows(tail);
   markNewest();
   updateFigures();
 }
 
+/** While paused, keep about the last MAX_KEPT items; count the events dropped before them. */
+function trimPending(limit) {
+  if (view.pending.length <= limit) return;
+  const dropped = view.pending.splice(0, view.pending.length - limit);
+  for (const item of dropped) {
+    if (item.id === undefined) continue; // a gap marker
+    view.skipped += 1;
+    if (view.skippedFrom < 0) view.skippedFrom = item.id;
+    view.skippedTo = item.id;
+  }
+}
+
 function receive(items) {
-  if (view.paused) view.pending.push(...items);
-  else show(items);
+  if (view.paused) {
+    for (const item of items) {
+      view.pending.push(item);
+      if (item.id !== undefined) view.pendingCount += 1;
+    }
+    trimPending(2 * MAX_KEPT); // amortized: trimmed to MAX_KEPT on Resume
+  } else {
+    show(items);
+  }
   updateFigures();
 }
 
@@ -193,6 +239,10 @@ function receive(items) {
 function reset() {
   view.kept = [];
   view.pending = [];
+  view.pendingCount = 0;
+  view.skipped = 0;
+  view.skippedFrom = -1;
+  view.skippedTo = -1;
   view.total = 0;
   view.lastShown = -1;
   view.arrivals = [];
@@ -206,7 +256,7 @@ function start(stream, token) {
   reset();
   let base;
   try {
-    base = serverBase();
+    ({ base } = serverBase());
   } catch (err) {
     say(err.message, true);
     return;
@@ -247,8 +297,12 @@ ui.connectForm.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const stream = ui.stream.value.trim();
   const token = ui.token.value.trim();
-  if (token) sessionStorage.setItem(TOKEN_KEY, token);
-  else sessionStorage.removeItem(TOKEN_KEY);
+  const info = serverInfo();
+  // Only a token for this page's own server is remembered (and ever loaded again).
+  if (info && !info.foreign) {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  }
   remember(stream);
   start(stream, token);
 });
@@ -265,8 +319,20 @@ for (const input of [ui.type, ui.source, ui.text, ui.hidden, ui.newestFirst]) {
 ui.pause.addEventListener("click", () => {
   view.paused = !view.paused;
   if (!view.paused) {
+    trimPending(MAX_KEPT);
     const pending = view.pending;
+    if (view.skipped > 0) {
+      // A marker row in order (it may fall beyond MAX_ROWS) and on the status line (always seen).
+      const marker = { skipped: true, count: view.skipped, from: view.skippedFrom, to: view.skippedTo };
+      show([marker]);
+      say(`${marker.count} events skipped while paused (ids ${marker.from} to ${marker.to}): ` +
+        `only the last ${MAX_KEPT} were kept; connect with after=${marker.from - 1} to replay them`);
+    }
     view.pending = [];
+    view.pendingCount = 0;
+    view.skipped = 0;
+    view.skippedFrom = -1;
+    view.skippedTo = -1;
     if (pending.length) show(pending);
   }
   updateFigures();
@@ -307,12 +373,21 @@ ui.publishForm.addEventListener("submit", async (ev) => {
 
 setInterval(updateFigures, 1000);
 fillStreamList();
-ui.token.value = sessionStorage.getItem(TOKEN_KEY) ?? "";
+const target = serverInfo();
+// A stored token is only for this page's own server: a link with ?server=elsewhere must not
+// carry it there, nor connect by itself.
+const trusted = target !== null && !target.foreign;
+ui.token.value = trusted ? sessionStorage.getItem(TOKEN_KEY) ?? "" : "";
 showState("closed", 0);
 markNewest();
 const initial = new URLSearchParams(location.search).get("stream");
-if (initial) {
-  ui.stream.value = initial;
+if (initial) ui.stream.value = initial;
+if (target === null) {
+  say("?server= is not a valid ws:// or wss:// address", true);
+} else if (target.foreign) {
+  say(`This page points at another server, ${target.host}. Type its token (if any) and press ` +
+    "Connect.");
+} else if (initial) {
   remember(initial);
   start(initial, ui.token.value.trim());
 }
