@@ -785,3 +785,19 @@ async def test_publish_in_an_already_cancelled_scope_publishes_nothing() -> None
             await stream.publish({}, source=AGENT, type="t")
         assert scope.cancelled_caught
         assert stream.get_latest_event_id() == -1
+
+
+async def test_subscriber_totals_keep_the_counts_of_subscribers_that_left() -> None:
+    async with te.open_event_stream("s") as stream:
+        await stream.publish_many([{"n": i} for i in range(5)], source="agent", type="t.x")
+        async with stream.subscription(after=-1) as sub:
+            assert len(await sub.receive_batch()) == 5
+            during = stream.statistics()
+        after = stream.statistics()
+        async with stream.subscription(after=2) as sub:
+            assert len(await sub.receive_batch()) == 2
+            both = stream.statistics()
+    assert during.delivered_total == 5
+    assert after.subscribers == {}
+    assert after.delivered_total == 5  # the subscriber left; its deliveries still count
+    assert both.delivered_total == 7

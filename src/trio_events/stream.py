@@ -102,6 +102,9 @@ class StreamStats:
         pending_publishes: Publish requests waiting for the writer.
         batches: Batches the writer has appended (``published / batches`` is the mean batch).
         subscribers: Per subscriber, keyed by ``(subscriber_id, callback_id)``.
+        delivered_total, dropped_total, catch_ups_total, missed_total: The same counters of
+            `SubscriberStats` summed over every subscriber this `EventStream` has had, those
+            that left included: they only grow (monitoring counters rely on that).
     """
 
     stream_id: str
@@ -111,6 +114,10 @@ class StreamStats:
     pending_publishes: int
     batches: int
     subscribers: Mapping[tuple[str, str], SubscriberStats]
+    delivered_total: int = 0
+    dropped_total: int = 0
+    catch_ups_total: int = 0
+    missed_total: int = 0
 
 
 # A prepared, not yet stored event, validated, masked and encoded by the publisher: source, type
@@ -198,6 +205,8 @@ class EventStream:
         self._published = 0
         self._batch_count = 0
         self._subscribers: dict[tuple[str, str], _Subscriber] = {}
+        # Counters of the subscribers that have left: delivered, dropped, catch-ups, missed.
+        self._departed = [0, 0, 0, 0]
         self._actors: dict[tuple[str, str], _CallbackActor] = {}
         self._fanout: tuple[_Subscriber, ...] = ()
         self._type_json: dict[str, bytes] = {}
@@ -643,6 +652,12 @@ class EventStream:
             sub.live = False
             sub.close(state)
             self._fanout = tuple(s for s in self._fanout if s is not sub)
+            left = sub.statistics()
+            departed = self._departed
+            departed[0] += left.delivered
+            departed[1] += left.dropped
+            departed[2] += left.catch_ups
+            departed[3] += left.missed
 
     def subscribe(
         self,
@@ -875,6 +890,9 @@ class EventStream:
 
     def statistics(self) -> StreamStats:
         """A snapshot of the stream's and every subscriber's counters."""
+        subscribers = {key: sub.statistics() for key, sub in self._subscribers.items()}
+        current = subscribers.values()
+        delivered, dropped, catch_ups, missed = self._departed
         return StreamStats(
             stream_id=self.stream_id,
             published=self._published,
@@ -882,7 +900,11 @@ class EventStream:
             first_id=self._log.first_id,
             pending_publishes=len(self._queue),
             batches=self._batch_count,
-            subscribers={key: sub.statistics() for key, sub in self._subscribers.items()},
+            subscribers=subscribers,
+            delivered_total=delivered + sum(s.delivered for s in current),
+            dropped_total=dropped + sum(s.dropped for s in current),
+            catch_ups_total=catch_ups + sum(s.catch_ups for s in current),
+            missed_total=missed + sum(s.missed for s in current),
         )
 
     def _begin_close(self) -> None:

@@ -72,9 +72,9 @@ class StreamsCollector:
     """A `prometheus_client` collector that builds every metric family from `source` when scraped.
 
     Per-stream families have one label, ``stream``; there are at most ``hub.max_streams`` of
-    them. Subscriber totals (deliveries, drops, catch-ups, missed) are summed over the stream's
-    current subscribers, so they fall back when a subscriber leaves; Prometheus treats that as
-    a counter reset, so ``rate()`` stays meaningful.
+    them. Subscriber totals (deliveries, drops, catch-ups, missed) count every subscriber the
+    open stream has had (`StreamStats.delivered_total` ...), so they only grow while it is open;
+    a stream that is closed and opened again starts from zero (a counter reset to Prometheus).
     """
 
     def __init__(self, source: MetricsSource) -> None:
@@ -144,22 +144,22 @@ class StreamsCollector:
         )
         delivered = CounterMetricFamily(
             "trio_events_deliveries",
-            "Events delivered to the stream's current subscribers.",
+            "Events delivered to the stream's subscribers (those that left included).",
             labels=label,
         )
         dropped = CounterMetricFamily(
             "trio_events_dropped",
-            "Events dropped by a DROP_* overflow policy (current subscribers).",
+            "Events dropped by a DROP_* overflow policy (subscribers that left included).",
             labels=label,
         )
         catch_ups = CounterMetricFamily(
             "trio_events_catch_up_episodes",
-            "Times a current subscriber left live fan-out to catch up from the store.",
+            "Times a subscriber left live fan-out to catch up from the store.",
             labels=label,
         )
         missed = CounterMetricFamily(
             "trio_events_missed",
-            "Events current subscribers skipped because retention had removed them.",
+            "Events subscribers skipped because retention had removed them.",
             labels=label,
         )
         lag = GaugeMetricFamily(
@@ -180,10 +180,10 @@ class StreamsCollector:
             first_id.add_metric(labels, stats.first_id)
             pending.add_metric(labels, stats.pending_publishes)
             subscribers.add_metric(labels, len(subs))
-            delivered.add_metric(labels, sum(s.delivered for s in subs))
-            dropped.add_metric(labels, sum(s.dropped for s in subs))
-            catch_ups.add_metric(labels, sum(s.catch_ups for s in subs))
-            missed.add_metric(labels, sum(s.missed for s in subs))
+            delivered.add_metric(labels, stats.delivered_total)
+            dropped.add_metric(labels, stats.dropped_total)
+            catch_ups.add_metric(labels, stats.catch_ups_total)
+            missed.add_metric(labels, stats.missed_total)
             lag.add_metric(labels, max((s.lag for s in subs), default=0))
             depth.add_metric(labels, max((s.queue_depth for s in subs), default=0))
         yield from (published, last_id, first_id, pending, subscribers, delivered, dropped)
