@@ -282,6 +282,43 @@ class Authenticator(Protocol):
         ...
 
 
+@attrs.frozen
+class _FieldProblem:
+    """What is wrong with a grant's field (``'streams'``, ``'permissions'[2]``, ...)."""
+
+    field: str
+    problem: str
+
+
+def _grant_fields(
+    streams: object, permissions: object
+) -> tuple[tuple[str, ...], frozenset[Permission]] | _FieldProblem:
+    """The ``streams`` and ``permissions`` of a tokens-file entry or of a JWT's claims,
+    checked; or the first problem (returned, not raised: each caller words its own error)."""
+    if not isinstance(streams, list) or not streams:
+        return _FieldProblem(
+            "'streams'",
+            f'must be a non-empty list of stream-id patterns such as ["conv-*"] or ["*"], '
+            f"not {_found(streams)}",
+        )
+    for j, pattern in enumerate(streams):
+        problem = _pattern_problem(pattern)
+        if problem is not None:
+            return _FieldProblem(f"'streams'[{j}]", problem)
+    if not isinstance(permissions, list) or not permissions:
+        return _FieldProblem(
+            "'permissions'",
+            f"must be a non-empty list of {_PERMISSION_VALUES}, not {_found(permissions)}",
+        )
+    for j, permission in enumerate(permissions):
+        if not isinstance(permission, str) or permission not in Permission.__members__.values():
+            return _FieldProblem(
+                f"'permissions'[{j}]",
+                f"must be one of {_PERMISSION_VALUES}, not {_shown(permission)}",
+            )
+    return tuple(streams), frozenset(map(Permission, permissions))
+
+
 def _unauthorized(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.UNAUTHORIZED, message)
 
@@ -545,29 +582,11 @@ def _parse_entry(item: object, where: str, names: dict[str, int], index: int) ->
             f"{_key_names(_ENTRY_KEYS)}"
         )
     digest = _entry_digest(item, where)
-    streams = item.get("streams")
-    if not isinstance(streams, list) or not streams:
-        raise AuthConfigError(
-            f"{where}: field 'streams' must be a non-empty list of stream-id patterns such as "
-            f'["conv-*"] or ["*"], not {_found(streams)}'
-        )
-    for j, pattern in enumerate(streams):
-        problem = _pattern_problem(pattern)
-        if problem is not None:
-            raise AuthConfigError(f"{where}: field 'streams'[{j}] {problem}")
-    permissions = item.get("permissions")
-    if not isinstance(permissions, list) or not permissions:
-        raise AuthConfigError(
-            f"{where}: field 'permissions' must be a non-empty list of {_PERMISSION_VALUES}, "
-            f"not {_found(permissions)}"
-        )
-    for j, permission in enumerate(permissions):
-        if not isinstance(permission, str) or permission not in Permission.__members__.values():
-            raise AuthConfigError(
-                f"{where}: field 'permissions'[{j}] must be one of {_PERMISSION_VALUES}, "
-                f"not {_shown(permission)}"
-            )
-    return _Entry(digest, Grant(name, tuple(streams), frozenset(map(Permission, permissions))))
+    fields = _grant_fields(item.get("streams"), item.get("permissions"))
+    if isinstance(fields, _FieldProblem):
+        raise AuthConfigError(f"{where}: field {fields.field} {fields.problem}")
+    streams, permissions = fields
+    return _Entry(digest, Grant(name, streams, permissions))
 
 
 def _entry_digest(item: Mapping[str, Any], where: str) -> bytes:
@@ -723,34 +742,12 @@ class JwtAuthenticator:
         problem = _label_problem(subject)
         if problem is not None:
             raise _unauthorized(f"the token's 'sub' claim {problem}")
-        streams = claims.get("streams")
-        if not isinstance(streams, list) or not streams:
-            raise _unauthorized(
-                f"the token's 'streams' claim must be a non-empty list of stream-id patterns "
-                f'such as ["conv-*"], not {_found(streams)}'
-            )
-        for j, pattern in enumerate(streams):
-            problem = _pattern_problem(pattern)
-            if problem is not None:
-                raise _unauthorized(f"the token's 'streams'[{j}] {problem}")
-        permissions = claims.get("permissions")
-        if not isinstance(permissions, list) or not permissions:
-            raise _unauthorized(
-                f"the token's 'permissions' claim must be a non-empty list of "
-                f"{_PERMISSION_VALUES}, not {_found(permissions)}"
-            )
-        for j, permission in enumerate(permissions):
-            if not isinstance(permission, str) or permission not in Permission.__members__.values():
-                raise _unauthorized(
-                    f"the token's 'permissions'[{j}] must be one of {_PERMISSION_VALUES}, "
-                    f"not {_shown(permission)}"
-                )
-        grant = Grant(
-            subject,
-            tuple(streams),
-            frozenset(map(Permission, permissions)),
-            expires_at=exp + self.leeway,
-        )
+        fields = _grant_fields(claims.get("streams"), claims.get("permissions"))
+        if isinstance(fields, _FieldProblem):
+            claim = fields.field if "[" in fields.field else f"{fields.field} claim"
+            raise _unauthorized(f"the token's {claim} {fields.problem}")
+        streams, permissions = fields
+        grant = Grant(subject, streams, permissions, expires_at=exp + self.leeway)
         return _unexpired(grant, now)
 
     def _decode(self, token: str) -> dict[str, Any]:
