@@ -3,6 +3,7 @@ WebSocket server running in the test's nursery."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -19,8 +20,17 @@ from trio_events.wire.auth import Authenticator
 from trio_events.wire.server import ServerConfig, serve_streams
 
 
+def free_port() -> int:
+    """A loopback port that nothing listens on (free when this returns)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 class GatedLog:
-    """A `MemoryStreamLog` whose appends wait for a gate, or fail on demand."""
+    """A `MemoryStreamLog` whose appends wait for a gate, or fail on demand; reads are
+    counted, and fail on demand too."""
 
     def __init__(self, inner: MemoryStreamLog) -> None:
         self.inner = inner
@@ -28,6 +38,8 @@ class GatedLog:
         self.fail_with: Exception | None = None
         self.appended_batches: list[list[int]] = []
         self.waiting = trio.Event()
+        self.reads: list[tuple[int, int]] = []
+        self.fail_reads: list[Exception] = []  # raised by the next reads, one each
 
     @property
     def epoch(self) -> str:
@@ -54,6 +66,10 @@ class GatedLog:
     async def read(
         self, start_id: int, end_id: int, *, reverse: bool = False, limit: int
     ) -> Sequence[te.Event]:
+        self.reads.append((start_id, end_id))
+        if self.fail_reads:
+            await trio.lowlevel.checkpoint()
+            raise self.fail_reads.pop(0)
         return await self.inner.read(start_id, end_id, reverse=reverse, limit=limit)
 
     async def read_raw(

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +36,7 @@ from trio_websocket import (
 )
 
 import trio_events as te
-from helpers import server_runner
+from helpers import free_port, server_runner
 from trio_events.cli import _Printer, main
 from trio_events.events import encode_event
 from trio_events.wire.auth import MIN_JWT_SECRET_BYTES
@@ -202,13 +201,6 @@ def one_line(data: bytes) -> str:
     assert text.count("\n") == 1, text
     assert "Traceback" not in text
     return text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def test_tail_json_limit_prints_exactly_the_published_events() -> None:
@@ -611,6 +603,40 @@ def test_serve_refuses_a_bad_limit_with_exit_2(
         main(["serve", "--memory", "--port", "0", *flags])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unusable_store_in_one_line_without_its_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("TE_TEST_STORE_URL", f"redis://app:hunter2@127.0.0.1:{port}/0")
+    cases = [
+        (["--store", "http://app:hunter2@127.0.0.1:1/0"], "looks like redis://host:6379/0"),
+        (["--store-env", "TE_TEST_UNSET_STORE"], "that environment variable is not set"),
+        (["--store-env", "TE_TEST_STORE_URL"], f"Redis at redis://app:***@127.0.0.1:{port}/0"),
+        # The tests' Redis has no users: it refuses these credentials.
+        (
+            ["--store", "redis://app:hunter2@127.0.0.1:6379/9"],
+            "redis://app:***@127.0.0.1:6379/9 refused the credentials of the URL",
+        ),
+    ]
+    for flags, message in cases:
+        assert main(["serve", "--port", "0", *flags]) == 1
+        error = capsys.readouterr().err
+        assert message in error
+        assert error.count("\n") == 1
+        assert "hunter2" not in error
+    refused = [
+        (["--memory", "--store", "redis://127.0.0.1:6379/0"], "--memory and --store/--store-env"),
+        (["--key-prefix", "p:"], "--key-prefix: only with --store or --store-env"),
+        (["--memory", "--outage-timeout", "3"], "--outage-timeout: only with --store"),
+        (["--store", "redis://h/0", "--outage-timeout", "-1"], "--outage-timeout must be a"),
+    ]
+    for flags, message in refused:
+        with pytest.raises(SystemExit) as info:
+            main(["serve", *flags])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_serve_limit_flags_become_the_server_config() -> None:

@@ -21,6 +21,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import trio_events as te
+from helpers import GatedStore
 
 AGENT = te.EventSource.AGENT
 USER = te.EventSource.USER
@@ -235,6 +236,54 @@ async def test_catch_up_resumes_live_after_each_of_several_stalls(mode: str) -> 
             assert slow.stats().state is te.SubscriberState.LIVE
         # While it was catching up, the consumer saw that in its stats.
         assert te.SubscriberState.CATCHING_UP in slow.states
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_catch_up_of_recent_events_needs_no_store_read(mode: str) -> None:
+    store = GatedStore()
+    async with open_stream(store=store) as (stream, nursery):
+        log = store.logs["overflow"]
+        slow = await add_consumer(stream, nursery, mode, "slow", buffer=4)
+        slow.stall()
+        await publish_one_by_one(stream, 300)
+        await settle()
+        assert slow.stats().state is te.SubscriberState.CATCHING_UP
+        slow.resume()
+        await settle()
+        assert slow.received == list(range(300))
+        assert log.reads == []  # all of it came from the stream's newest events
+        # Further behind than the stream keeps in memory: the rest comes from the store.
+        slow.stall()
+        await publish(stream, 5000)
+        slow.resume()
+        await settle()
+        assert slow.received == list(range(5300))
+        assert log.reads
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_store_that_cannot_be_read_delays_a_catch_up_but_never_ends_the_stream(
+    mode: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    async with open_stream(store=store) as (stream, nursery):
+        log = store.logs["overflow"]
+        slow = await add_consumer(stream, nursery, mode, "slow", buffer=4)
+        healthy = await add_consumer(stream, nursery, mode, "healthy", buffer=8192)
+        slow.stall()
+        await publish(stream, 5000)  # more than the stream keeps in memory
+        log.fail_reads = [te.StoreError("Redis did not answer"), te.StoreError("still not")]
+        slow.resume()
+        # Virtual time (the autojump clock): the subscriber reads again a second after each
+        # failure.
+        await trio.sleep(5)
+        await settle()
+        assert slow.received == list(range(5000))
+        assert log.fail_reads == []
+        assert healthy.received == list(range(5000))
+        await publish(stream, 1)
+        await settle()
+        assert slow.received == list(range(5001))
 
 
 async def test_catch_up_subscriber_behind_at_close_still_gets_everything() -> None:

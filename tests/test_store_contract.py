@@ -10,7 +10,8 @@ import atexit
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trio_events as te
+from redis_helpers import redis_test_store
 from trio_events.errors import CorruptLogError
 from trio_events.store.log import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, LogStore, decode_record
 from trio_events.store.openhands import OpenHandsStore
+
+_StoreFactory = Callable[[], AbstractAsyncContextManager[te.EventStore]]
 
 # Hypothesis examples cannot use function-scoped fixtures: each LogStore gets a fresh directory
 # under one root that is removed when the test session ends.
@@ -40,19 +44,54 @@ def _log_store(**options: object) -> Callable[[], te.EventStore]:
     return make
 
 
+def _closing(make: Callable[[], te.EventStore]) -> _StoreFactory:
+    @asynccontextmanager
+    async def open_it() -> AsyncIterator[te.EventStore]:
+        store = make()
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    return open_it
+
+
+def _redis_store(**options: Any) -> _StoreFactory:
+    """A RedisStreamStore on the test Redis, with keys of its own, deleted afterwards."""
+
+    @asynccontextmanager
+    async def open_it() -> AsyncIterator[te.EventStore]:
+        async with redis_test_store(**options) as store:
+            yield store
+
+    return open_it
+
+
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
-STORES: dict[str, Callable[[], te.EventStore]] = {
-    "memory": te.MemoryStore,
-    "memory-retained": lambda: te.MemoryStore(max_events=7),
-    "log": _log_store(),
+STORES: dict[str, _StoreFactory] = {
+    "memory": _closing(te.MemoryStore),
+    "memory-retained": _closing(lambda: te.MemoryStore(max_events=7)),
+    "log": _closing(_log_store()),
     # Tiny segments and no tail cache: every read goes to disk, across many segments.
-    "log-small-segments": _log_store(segment_bytes=4096, cache_events=0, durability="none"),
+    "log-small-segments": _closing(
+        _log_store(segment_bytes=4096, cache_events=0, durability="none")
+    ),
     # A fresh OpenHands root per example; small pages so that reads cross page boundaries.
-    "openhands": lambda: OpenHandsStore(tempfile.mkdtemp(dir=_TMP_ROOT)),
-    "openhands-pages3": lambda: OpenHandsStore(tempfile.mkdtemp(dir=_TMP_ROOT), cache_size=3),
+    "openhands": _closing(lambda: OpenHandsStore(tempfile.mkdtemp(dir=_TMP_ROOT))),
+    "openhands-pages3": _closing(
+        lambda: OpenHandsStore(tempfile.mkdtemp(dir=_TMP_ROOT), cache_size=3)
+    ),
+    # Redis Streams, on the Redis server the tests share (tests/redis_helpers.py).
+    "redis": _redis_store(),
+    "redis-retained": _redis_store(retain_events=7),
 }
-RETAINED = {"memory-retained": 7}
+RETAINED = {"memory-retained": 7, "redis-retained": 7}
+
+
+def open_store(name: str) -> AbstractAsyncContextManager[te.EventStore]:
+    """A new, empty store of the kind `name`, closed (and its data removed) on exit."""
+    return STORES[name]()
 
 
 def make_events(first: int, count: int) -> list[te.Event]:
@@ -115,64 +154,66 @@ def expected_read(
 
 @given(ops=operations)
 async def test_log_matches_a_model_list(store_name: str, ops: list[Append | Read | Reopen]) -> None:
-    store = STORES[store_name]()
-    retained = RETAINED.get(store_name)
-    registry = te.default_registry
-    log = await store.open_stream("s", registry)
-    model: list[te.Event] = []
-    try:
-        for op in ops:
-            if isinstance(op, Append):
-                batch = make_events(len(model), op.count)
-                await log.append(batch)
-                model.extend(batch)
-            elif isinstance(op, Reopen):
-                epoch = log.epoch
-                await log.aclose()
-                log = await store.open_stream("s", registry)
-                assert log.epoch == epoch
-            else:
-                first_id = max(0, len(model) - retained) if retained else 0
-                expected = expected_read(model, first_id, op.start, op.end, op.reverse, op.limit)
-                reading = log.read(op.start, op.end, reverse=op.reverse, limit=op.limit)
-                if expected is te.HistoryTruncated:
-                    with pytest.raises(te.HistoryTruncated) as info:
-                        await reading
-                    assert info.value.first_id == first_id
+    async with open_store(store_name) as store:
+        retained = RETAINED.get(store_name)
+        registry = te.default_registry
+        log = await store.open_stream("s", registry)
+        model: list[te.Event] = []
+        try:
+            for op in ops:
+                if isinstance(op, Append):
+                    batch = make_events(len(model), op.count)
+                    await log.append(batch)
+                    model.extend(batch)
+                elif isinstance(op, Reopen):
+                    epoch = log.epoch
+                    await log.aclose()
+                    log = await store.open_stream("s", registry)
+                    assert log.epoch == epoch
                 else:
-                    assert list(await reading) == expected
-            assert log.last_id == len(model) - 1
-            expected_first = max(0, len(model) - retained) if retained else 0
-            assert log.first_id == expected_first
-    finally:
-        await log.aclose()
-        await store.aclose()
+                    first_id = max(0, len(model) - retained) if retained else 0
+                    expected = expected_read(
+                        model, first_id, op.start, op.end, op.reverse, op.limit
+                    )
+                    reading = log.read(op.start, op.end, reverse=op.reverse, limit=op.limit)
+                    if expected is te.HistoryTruncated:
+                        with pytest.raises(te.HistoryTruncated) as info:
+                            await reading
+                        assert info.value.first_id == first_id
+                    else:
+                        assert list(await reading) == expected
+                assert log.last_id == len(model) - 1
+                expected_first = max(0, len(model) - retained) if retained else 0
+                assert log.first_id == expected_first
+        finally:
+            await log.aclose()
+            await store.aclose()
 
 
 async def test_append_must_continue_densely(store_name: str) -> None:
-    store = STORES[store_name]()
-    log = await store.open_stream("s", te.default_registry)
-    await log.append(make_events(0, 3))
-    with pytest.raises(ValueError, match="expected id 3, got 5"):
-        await log.append(make_events(5, 1))
-    assert log.last_id == 2
-    await log.aclose()
+    async with open_store(store_name) as store:
+        log = await store.open_stream("s", te.default_registry)
+        await log.append(make_events(0, 3))
+        with pytest.raises(ValueError, match="expected id 3, got 5"):
+            await log.append(make_events(5, 1))
+        assert log.last_id == 2
+        await log.aclose()
 
 
 async def test_streams_are_independent_and_reset_changes_epoch(store_name: str) -> None:
-    store = STORES[store_name]()
-    a = await store.open_stream("a", te.default_registry)
-    b = await store.open_stream("b", te.default_registry)
-    await a.append(make_events(0, 2))
-    assert (a.last_id, b.last_id) == (1, -1)
-    epoch = a.epoch
-    await a.aclose()
-    await b.aclose()
-    await store.reset_stream("a")
-    a = await store.open_stream("a", te.default_registry)
-    assert (a.last_id, a.first_id) == (-1, 0)
-    assert a.epoch != epoch
-    await a.aclose()
+    async with open_store(store_name) as store:
+        a = await store.open_stream("a", te.default_registry)
+        b = await store.open_stream("b", te.default_registry)
+        await a.append(make_events(0, 2))
+        assert (a.last_id, b.last_id) == (1, -1)
+        epoch = a.epoch
+        await a.aclose()
+        await b.aclose()
+        await store.reset_stream("a")
+        a = await store.open_stream("a", te.default_registry)
+        assert (a.last_id, a.first_id) == (-1, 0)
+        assert a.epoch != epoch
+        await a.aclose()
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5])
@@ -236,50 +277,50 @@ def raw_reads(draw: st.DrawFn) -> tuple[int, int | None, int | None]:
 async def test_read_raw_is_the_json_of_what_read_returns(
     store_name: str, data: st.DataObject
 ) -> None:
-    store = STORES[store_name]()
-    log = await store.open_stream("s", te.default_registry)
-    try:
-        sizes = data.draw(st.lists(st.integers(1, 8), min_size=1, max_size=6), label="batches")
-        appended = 0
-        for size in sizes:
-            await log.append(data.draw(random_events(appended, size), label="batch"))
-            appended += size
-        reads = data.draw(st.lists(raw_reads(), min_size=1, max_size=6), label="reads")
-        for reopened in (False, True):
-            if reopened:
-                await log.aclose()
-                log = await store.open_stream("s", te.default_registry)
-            for start, end, limit in reads:
-                high = raw_high(log, start, end, limit)
-                if start <= high and start < log.first_id:
-                    with pytest.raises(te.HistoryTruncated) as info:
-                        await log.read_raw(start, end, limit=limit)
-                    assert info.value.first_id == log.first_id
-                    continue
-                raw = await log.read_raw(start, end, limit=limit)
-                assert raw.first_id == start
-                assert len(raw) == max(0, high - start + 1)
-                assert raw.last_id == max(start - 1, high)
-                if len(raw):
-                    assert list(raw.bodies) == await read_json(log, start, high)
-    finally:
-        await log.aclose()
-        await store.aclose()
+    async with open_store(store_name) as store:
+        log = await store.open_stream("s", te.default_registry)
+        try:
+            sizes = data.draw(st.lists(st.integers(1, 8), min_size=1, max_size=6), label="batches")
+            appended = 0
+            for size in sizes:
+                await log.append(data.draw(random_events(appended, size), label="batch"))
+                appended += size
+            reads = data.draw(st.lists(raw_reads(), min_size=1, max_size=6), label="reads")
+            for reopened in (False, True):
+                if reopened:
+                    await log.aclose()
+                    log = await store.open_stream("s", te.default_registry)
+                for start, end, limit in reads:
+                    high = raw_high(log, start, end, limit)
+                    if start <= high and start < log.first_id:
+                        with pytest.raises(te.HistoryTruncated) as info:
+                            await log.read_raw(start, end, limit=limit)
+                        assert info.value.first_id == log.first_id
+                        continue
+                    raw = await log.read_raw(start, end, limit=limit)
+                    assert raw.first_id == start
+                    assert len(raw) == max(0, high - start + 1)
+                    assert raw.last_id == max(start - 1, high)
+                    if len(raw):
+                        assert list(raw.bodies) == await read_json(log, start, high)
+        finally:
+            await log.aclose()
+            await store.aclose()
 
 
 async def test_read_raw_of_empty_ranges(store_name: str) -> None:
-    store = STORES[store_name]()
-    log = await store.open_stream("s", te.default_registry)
-    try:
-        assert len(await log.read_raw(0)) == 0  # an empty stream
-        await log.append(make_events(0, 3))
-        for start, end, limit in [(3, None, None), (9, 20, 5), (2, 1, None), (0, None, 0)]:
-            raw = await log.read_raw(start, end, limit=limit)
-            assert (raw.first_id, list(raw.bodies), raw.last_id) == (start, [], start - 1)
-        raw = await log.read_raw(1, 1)
-        assert (raw.first_id, len(raw)) == (1, 1)
-    finally:
-        await log.aclose()
+    async with open_store(store_name) as store:
+        log = await store.open_stream("s", te.default_registry)
+        try:
+            assert len(await log.read_raw(0)) == 0  # an empty stream
+            await log.append(make_events(0, 3))
+            for start, end, limit in [(3, None, None), (9, 20, 5), (2, 1, None), (0, None, 0)]:
+                raw = await log.read_raw(start, end, limit=limit)
+                assert (raw.first_id, list(raw.bodies), raw.last_id) == (start, [], start - 1)
+            raw = await log.read_raw(1, 1)
+            assert (raw.first_id, len(raw)) == (1, 1)
+        finally:
+            await log.aclose()
 
 
 @pytest.mark.parametrize(
@@ -296,80 +337,80 @@ async def test_read_raw_of_empty_ranges(store_name: str) -> None:
 async def test_read_raw_refuses_bad_arguments_as_search_events_does(
     store_name: str, args: tuple[object, ...], kwargs: dict[str, object], message: str
 ) -> None:
-    store = STORES[store_name]()
-    async with te.open_event_stream("s", store=store) as stream:
-        await stream.publish({"n": 1}, source="agent", type="t")
-        log = stream._log
-        with pytest.raises(ValueError, match=re.escape(message)):
-            await log.read_raw(*args, **kwargs)  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match=re.escape(message)):
-            await stream.read_raw(*args, **kwargs)  # type: ignore[arg-type]
-        start, end = (*args, None)[:2]
-        with pytest.raises(ValueError, match=re.escape(message)):
-            await anext(stream.search_events(start, end, limit=kwargs.get("limit")))  # type: ignore[arg-type]
+    async with open_store(store_name) as store:
+        async with te.open_event_stream("s", store=store) as stream:
+            await stream.publish({"n": 1}, source="agent", type="t")
+            log = stream._log
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await log.read_raw(*args, **kwargs)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await stream.read_raw(*args, **kwargs)  # type: ignore[arg-type]
+            start, end = (*args, None)[:2]
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await anext(stream.search_events(start, end, limit=kwargs.get("limit")))  # type: ignore[arg-type]
 
 
 async def test_event_stream_read_raw_is_what_search_events_yields(store_name: str) -> None:
-    store = STORES[store_name]()
-    async with te.open_event_stream("s", store=store) as stream:
-        stream.set_secrets({"token": "hunter2-secret"})
-        for n in range(30):
-            await stream.publish(
-                {"n": n, "text": "ünïcødé 😀 hunter2-secret"},
-                source="user" if n % 3 else "agent",
-                type="t",
-                cause=n - 1 if n else None,
-                hidden=n % 4 == 0,
-            )
-        first = stream.first_id
-        raw = await (stream.read_raw() if first == 0 else stream.read_raw(first))
-        events = [event async for event in stream.search_events(first)]
-        assert raw.first_id == first
-        assert list(raw.bodies) == [te.encode_event(event) for event in events]
-        assert all(b"hunter2-secret" not in body for body in raw.bodies)
-        part = await stream.read_raw(max(first, 25), 28, limit=2)
-        assert list(part.bodies) == [te.encode_event(e) for e in events if e.id in (25, 26)]
-        if first > 0:
-            with pytest.raises(te.HistoryTruncated):
-                await stream.read_raw(0)
+    async with open_store(store_name) as store:
+        async with te.open_event_stream("s", store=store) as stream:
+            stream.set_secrets({"token": "hunter2-secret"})
+            for n in range(30):
+                await stream.publish(
+                    {"n": n, "text": "ünïcødé 😀 hunter2-secret"},
+                    source="user" if n % 3 else "agent",
+                    type="t",
+                    cause=n - 1 if n else None,
+                    hidden=n % 4 == 0,
+                )
+            first = stream.first_id
+            raw = await (stream.read_raw() if first == 0 else stream.read_raw(first))
+            events = [event async for event in stream.search_events(first)]
+            assert raw.first_id == first
+            assert list(raw.bodies) == [te.encode_event(event) for event in events]
+            assert all(b"hunter2-secret" not in body for body in raw.bodies)
+            part = await stream.read_raw(max(first, 25), 28, limit=2)
+            assert list(part.bodies) == [te.encode_event(e) for e in events if e.id in (25, 26)]
+            if first > 0:
+                with pytest.raises(te.HistoryTruncated):
+                    await stream.read_raw(0)
 
 
 async def test_read_raw_sees_a_dense_prefix_while_appends_run(store_name: str) -> None:
-    store = STORES[store_name]()
-    log = await store.open_stream("s", te.default_registry)
-    batches = [make_events(first, 9) for first in range(0, 270, 9)]
-    expected = [te.encode_event(event) for batch in batches for event in batch]
-    seen: list[int] = []
-    done = trio.Event()
+    async with open_store(store_name) as store:
+        log = await store.open_stream("s", te.default_registry)
+        batches = [make_events(first, 9) for first in range(0, 270, 9)]
+        expected = [te.encode_event(event) for batch in batches for event in batch]
+        seen: list[int] = []
+        done = trio.Event()
 
-    async def append_all() -> None:
-        for batch in batches:
-            await log.append(batch)
-        done.set()
+        async def append_all() -> None:
+            for batch in batches:
+                await log.append(batch)
+            done.set()
 
-    async def read_while_appending() -> None:
-        while not done.is_set():
-            start = log.first_id
-            try:
-                raw = await log.read_raw(start)
-            except te.HistoryTruncated:
-                # Retention moved on while the read waited for its turn: only that may raise.
-                assert log.first_id > start
-                continue
-            assert raw.first_id == start
-            # Every body is the event with its id, with no hole, whatever the appends did.
-            assert list(raw.bodies) == expected[start : start + len(raw)]
-            seen.append(len(raw))
+        async def read_while_appending() -> None:
+            while not done.is_set():
+                start = log.first_id
+                try:
+                    raw = await log.read_raw(start)
+                except te.HistoryTruncated:
+                    # Retention moved on while the read waited for its turn: only that may raise.
+                    assert log.first_id > start
+                    continue
+                assert raw.first_id == start
+                # Every body is the event with its id, with no hole, whatever the appends did.
+                assert list(raw.bodies) == expected[start : start + len(raw)]
+                seen.append(len(raw))
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_while_appending)
-            nursery.start_soon(append_all)
-        assert len(seen) > 1
-        raw = await log.read_raw(log.first_id)
-        assert list(raw.bodies) == expected[log.first_id :]
-    finally:
-        await log.aclose()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_while_appending)
+                nursery.start_soon(append_all)
+            assert len(seen) > 1
+            raw = await log.read_raw(log.first_id)
+            assert list(raw.bodies) == expected[log.first_id :]
+        finally:
+            await log.aclose()
 
 
 # --- read_raw on LogStore: the tail cache, the disk, damage and retention ----------------------
@@ -515,20 +556,20 @@ async def test_read_raw_encodes_registered_payloads_with_the_stream_registry(
     # Hooks of this registry only: encoding with another registry would give other JSON.
     registry.converter.register_unstructure_hook(Note, lambda n: {"t": n.text, "g": n.tags})
     registry.converter.register_structure_hook(Note, lambda d, _: Note(d["t"], d["g"]))
-    store = STORES[store_name]()
-    log = await store.open_stream("s", registry)
-    try:
-        # Appended directly, so without their JSON: the store encodes them with `registry`.
-        events = [
-            te.Event(i, NOW, te.EventSource.USER, "note", Note(f"nº{i}", ["a"] * i))
-            for i in range(10)
-        ]
-        await log.append(events)
-        first = log.first_id
-        raw = await log.read_raw(first)
-        read = await log.read(first, 9, limit=10)
-        assert [event.payload for event in read] == [event.payload for event in events[first:]]
-        assert list(raw.bodies) == [te.encode_event(event, registry) for event in read]
-        assert orjson.loads(raw.bodies[-1])["payload"] == {"t": "nº9", "g": ["a"] * 9}
-    finally:
-        await log.aclose()
+    async with open_store(store_name) as store:
+        log = await store.open_stream("s", registry)
+        try:
+            # Appended directly, so without their JSON: the store encodes them with `registry`.
+            events = [
+                te.Event(i, NOW, te.EventSource.USER, "note", Note(f"nº{i}", ["a"] * i))
+                for i in range(10)
+            ]
+            await log.append(events)
+            first = log.first_id
+            raw = await log.read_raw(first)
+            read = await log.read(first, 9, limit=10)
+            assert [event.payload for event in read] == [event.payload for event in events[first:]]
+            assert list(raw.bodies) == [te.encode_event(event, registry) for event in read]
+            assert orjson.loads(raw.bodies[-1])["payload"] == {"t": "nº9", "g": ["a"] * 9}
+        finally:
+            await log.aclose()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trio_events as te
-from helpers import count_tasks, server_runner
+from helpers import count_tasks, free_port, server_runner
 from trio_events.wire.client import (
     Backoff,
     BadRequest,
@@ -94,13 +93,6 @@ async def take(conn: Connection, n: int) -> list[int]:
         if len(ids) == n:
             break
     return ids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # --- backoff and validation -------------------------------------------------------------------

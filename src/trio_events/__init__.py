@@ -10,6 +10,8 @@ with backpressure from bounded queues and clean shutdown from structured concurr
         await stream.publish({"text": "hi"}, source=te.EventSource.USER, type="chat.message")
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CorruptLogError,
     EventDecodeError,
@@ -20,6 +22,7 @@ from .errors import (
     InvalidStreamId,
     OpenHandsFormatError,
     StoreError,
+    StoreOutcomeUnknown,
     StreamClosed,
     SubscriberDisconnected,
     TooManyStreams,
@@ -46,6 +49,7 @@ from .store import (
     OpenHandsStore,
     RawEvents,
     RecoveryReport,
+    SharedStreamLog,
     StreamLog,
     check_stream_id,
 )
@@ -58,6 +62,9 @@ from .subscribers import (
     Supervision,
 )
 from .wire import Backoff, ServerConfig, connect, serve_streams
+
+if TYPE_CHECKING:
+    from .store.redis import RedisStreamStore, open_redis_store
 
 __version__ = "0.1.0"
 
@@ -87,8 +94,11 @@ __all__ = [
     "PayloadRegistry",
     "RawEvents",
     "RecoveryReport",
+    "RedisStreamStore",
     "ServerConfig",
+    "SharedStreamLog",
     "StoreError",
+    "StoreOutcomeUnknown",
     "StreamClosed",
     "StreamLog",
     "StreamStats",
@@ -109,5 +119,19 @@ __all__ = [
     "event_type",
     "open_event_hub",
     "open_event_stream",
+    "open_redis_store",
     "serve_streams",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The Redis store is imported on first use: coredis takes longer to import than the rest.
+    if name in {"RedisStreamStore", "open_redis_store"}:
+        try:
+            from .store import redis
+        except ModuleNotFoundError as exc:
+            raise ImportError(
+                f"{name} needs coredis: pip install 'trio-events[redis]' ({exc})"
+            ) from exc
+        return getattr(redis, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

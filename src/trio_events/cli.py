@@ -11,6 +11,8 @@
   on a line (``--json``: its wire JSON, for ``jq``); ``trio-events publish URL --type T
   --payload JSON`` publishes one event and prints its id. Their token is read from the
   environment variable named by ``--token-env`` (default ``TRIO_EVENTS_TOKEN``), never from argv.
+- ``trio-events bench SCENARIO`` and ``trio-events bench sweep`` measure backpressure settings
+  (`trio_events.bench`, docs/backpressure.md).
 - ``trio-events import-openhands ROOT SID --data-dir DIR`` copies an OpenHands conversation into
   a stream; ``trio-events export-openhands STREAM ROOT --data-dir DIR`` writes one back out.
 """
@@ -23,8 +25,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,6 +36,7 @@ import orjson
 import trio
 
 from . import __version__
+from ._urls import safe_url
 from .errors import TrioEventsError
 from .events import Event, EventSource, PayloadRegistry, encode_event
 from .filters import EventFilter
@@ -277,33 +280,75 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 async def _serve(
     args: argparse.Namespace, auth: Authenticator | None, auth_text: str, config: ServerConfig
 ) -> None:
+    async with _serve_store(args) as (store, where):
+        await _serve_hub(args, store, where, auth, auth_text, config)
+
+
+@asynccontextmanager
+async def _serve_store(args: argparse.Namespace) -> AsyncIterator[tuple[EventStore, str]]:
+    """The store `serve` was asked for, and how to name it (never with a password)."""
+    url = os.environ.get(args.store_env) if args.store_env else args.store
+    if args.store_env and not url:
+        raise ValueError(f"--store-env {args.store_env}: that environment variable is not set")
+    if url:
+        # Imported here: coredis takes longer to import than the rest of the package.
+        try:
+            from .store.redis import (
+                DEFAULT_KEY_PREFIX,
+                DEFAULT_OUTAGE_TIMEOUT,
+                open_redis_store,
+            )
+        except ModuleNotFoundError as exc:
+            raise ValueError(
+                f"--store {_scheme(url)}… needs coredis: pip install 'trio-events[redis]' ({exc})"
+            ) from None
+
+        prefix = DEFAULT_KEY_PREFIX if args.key_prefix is None else args.key_prefix
+        outage = DEFAULT_OUTAGE_TIMEOUT if args.outage_timeout is None else args.outage_timeout
+        async with open_redis_store(url, key_prefix=prefix, outage_timeout=outage) as redis_store:
+            yield redis_store, f"Redis at {safe_url(url)}, key prefix {prefix!r}"
+        return
     store: EventStore = MemoryStore() if args.memory else LogStore(args.data_dir)
     try:
-        async with open_event_hub(store=store, idle_timeout=args.idle_timeout) as hub:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as nursery:
-                    port = await nursery.start(
-                        partial(
-                            serve_streams,
-                            hub,
-                            host=args.host,
-                            port=args.port,
-                            config=config,
-                            auth=auth,
-                        )
-                    )
-                    where = "memory" if args.memory else args.data_dir
-                    print(
-                        f"serving streams on ws://{args.host}:{port}/v1/streams/ID "
-                        f"(store: {where}; auth: {auth_text}); Ctrl+C to stop",
-                        flush=True,
-                    )
-                    async for signum in signals:
-                        print(f"{signal.Signals(signum).name}: shutting down", flush=True)
-                        nursery.cancel_scope.cancel()
-                        break
+        yield store, "memory" if args.memory else args.data_dir
     finally:
         await store.aclose()
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0] + "://"
+
+
+async def _serve_hub(
+    args: argparse.Namespace,
+    store: EventStore,
+    where: str,
+    auth: Authenticator | None,
+    auth_text: str,
+    config: ServerConfig,
+) -> None:
+    async with open_event_hub(store=store, idle_timeout=args.idle_timeout) as hub:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(
+                    partial(
+                        serve_streams,
+                        hub,
+                        host=args.host,
+                        port=args.port,
+                        config=config,
+                        auth=auth,
+                    )
+                )
+                print(
+                    f"serving streams on ws://{args.host}:{port}/v1/streams/ID "
+                    f"(store: {where}; auth: {auth_text}); Ctrl+C to stop",
+                    flush=True,
+                )
+                async for signum in signals:
+                    print(f"{signal.Signals(signum).name}: shutting down", flush=True)
+                    nursery.cancel_scope.cancel()
+                    break
 
 
 async def _import(args: argparse.Namespace) -> None:
@@ -562,6 +607,25 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where the LogStore keeps its files (default {DEFAULT_DATA_DIR})",
     )
     serve.add_argument("--memory", action="store_true", help="keep streams in memory only")
+    serve.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep streams in Redis Streams, shared with other serve processes: "
+        "redis://HOST:PORT/DB (docs/scaling.md)",
+    )
+    serve.add_argument(
+        "--store-env",
+        metavar="NAME",
+        help="read the --store URL from this environment variable (keeps a password off argv)",
+    )
+    serve.add_argument("--key-prefix", help="prefix of the Redis keys (default: trio-events:)")
+    serve.add_argument(
+        "--outage-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a publish waits for an unreachable Redis before it fails (default 10; "
+        "inf: as long as it takes)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)"
@@ -652,6 +716,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for the connection and the answer (default 30)",
     )
 
+    # Listed here for --help; `main` hands ``bench`` and its arguments to trio_events.bench.
+    commands.add_parser(
+        "bench",
+        help="measure backpressure settings under your load (trio-events bench --help)",
+        add_help=False,
+    )
+
     secret_help = "mask the value of this environment variable (repeatable)"
     imp = commands.add_parser(
         "import-openhands", help="copy an OpenHands conversation into a stream"
@@ -678,6 +749,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trio-events`` console script."""
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    if args_given[:1] == ["bench"]:
+        # Its own parser: it has many flags, and its own exit statuses.
+        from .bench.cli import main as bench_main
+
+        return bench_main(args_given[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -690,6 +767,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store = LogStore(args.data_dir)
                 trio.run(_run_and_close, store, args.data_dir, args.events)
         elif args.command == "serve":
+            if (args.store or args.store_env) and args.memory:
+                parser.error("--memory and --store/--store-env: choose one store")
+            redis_only = [
+                flag
+                for flag, value in (
+                    ("--key-prefix", args.key_prefix),
+                    ("--outage-timeout", args.outage_timeout),
+                )
+                if value is not None
+            ]
+            if redis_only and not (args.store or args.store_env):
+                parser.error(f"{' and '.join(redis_only)}: only with --store or --store-env")
+            if args.outage_timeout is not None and not args.outage_timeout >= 0:
+                parser.error("--outage-timeout must be a number of seconds >= 0 (or inf)")
             auth, auth_text = _authenticator(args)
             if auth is None and not _is_loopback(args.host) and not args.insecure:
                 parser.error(

@@ -88,6 +88,15 @@ class StoreError(TrioEventsError):
     """
 
 
+class StoreOutcomeUnknown(StoreError):
+    """The store did not confirm an append in time: it may or may not have stored it.
+
+    Raised for shared logs (`RedisStreamStore`) when Redis stops answering during an append.
+    Events that were stored after all reach subscribers with their ids like any other, so look
+    for them before publishing the same content again.
+    """
+
+
 class SubscriberDisconnected(TrioEventsError):
     """A subscription with the ``DISCONNECT`` overflow policy fell behind and was stopped.
 

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +42,9 @@ from .errors import (
     EventEncodeError,
     EventNotFound,
     EventTooLarge,
+    HistoryTruncated,
     StoreError,
+    StoreOutcomeUnknown,
     StreamClosed,
 )
 from .events import (
@@ -51,6 +53,7 @@ from .events import (
     PayloadRegistry,
     check_type_name,
     default_registry,
+    event_from_dict,
     event_json,
     event_json_tail,
     new_event,
@@ -58,7 +61,14 @@ from .events import (
 )
 from .filters import EventFilter
 from .secrets import SecretMasker
-from .store.base import EventStore, RawEvents, StreamLog, _check_range_args, check_stream_id
+from .store.base import (
+    EventStore,
+    RawEvents,
+    SharedStreamLog,
+    StreamLog,
+    _check_range_args,
+    check_stream_id,
+)
 from .store.memory import MemoryStore
 from .subscribers import (
     Callback,
@@ -88,6 +98,13 @@ _HEAD_BYTES = len(event_json(0, timestamp_json(datetime.now(UTC)), b"")) - 1
 # lookup instead of an `EventSource(...)` call per publish.
 _SOURCES: dict[object, EventSource] = {source.value: source for source in EventSource}
 _SEARCH_PAGE = 512
+# A shared log's tail reader delivers this process's own events too: the writer keeps them
+# (up to this many) so that the reader does not decode what it already has.
+_MAX_OWN_EVENTS = 65536
+# The newest events the router dispatched, kept for subscribers that fall behind by less: at
+# most this many, holding at most this much JSON (a decoded event takes about twice its JSON).
+_RECENT_EVENTS = 4096
+_RECENT_BYTES = 1 << 20
 
 
 @attrs.frozen(kw_only=True)
@@ -141,6 +158,7 @@ class _PublishRequest:
         # The stream's waiting room while the request is in it (not yet accepted), else None.
         self.waiting_room: deque[_PublishRequest] | None = None
 
+    @trio.lowlevel.enable_ki_protection
     def complete(self, result: outcome.Outcome[list[Event]]) -> None:
         self.result = result
         task = self.task
@@ -148,6 +166,7 @@ class _PublishRequest:
             self.task = None
             trio.lowlevel.reschedule(task, result)
 
+    @trio.lowlevel.enable_ki_protection
     def abort(self, _: Any) -> trio.lowlevel.Abort:
         self.task = None
         if self.waiting_room is not None:
@@ -213,9 +232,19 @@ class EventStream:
         # The JSON head's size for the next id (kept by the writer as ids grow).
         self._head_bytes = _HEAD_BYTES + len(str(log.last_id + 1))
         self._iterator_ids = itertools.count()
+        # A shared log numbers events itself and feeds the router through the tail reader.
+        self._shared: SharedStreamLog | None = log if isinstance(log, SharedStreamLog) else None
+        self._own_events: dict[int, Event] = {}
+        self._recent: deque[Event] = deque()
+        self._recent_bytes = 0
+        self._appended_id = log.last_id  # the last id this stream's writer stored
+        self._followed_id = log.last_id  # the last id the tail reader passed to the router
+        self._writer_done = False
+        self._tail_scope: trio.CancelScope | None = None
 
     # --- publishing ---------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def publish(
         self,
         payload: object,
@@ -273,6 +302,7 @@ class EventStream:
             return []
         return await self._submit(drafts)
 
+    @trio.lowlevel.enable_ki_protection
     async def _submit(self, drafts: list[_Draft]) -> list[Event]:
         self._check_open()
         # A publish in an already cancelled scope publishes nothing (Trio's rule: Cancelled
@@ -418,13 +448,15 @@ class EventStream:
 
     # --- the writer and the router ------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def _run_writer(self) -> None:
         queue = self._queue
-        batches_send = self._batches_send
+        # With a shared log, the tail reader owns the router's channel (`_run_tail_reader`).
+        batches_send = self._batches_send if self._shared is None else None
         log = self._log
         pending: list[_PublishRequest] = []
         try:
-            async with batches_send:
+            async with nullcontext() if batches_send is None else batches_send:
                 while True:
                     if queue:
                         # Yield once per batch, as a channel's receive would: the publishers
@@ -437,23 +469,38 @@ class EventStream:
                         if not queue:
                             continue  # woken by close
                     pending = self._take_batch()
-                    events, per_request = self._assign(pending)
                     try:
+                        if batches_send is None:
+                            events, per_request = await self._append_shared(pending)
+                            self._complete(pending, per_request)
+                            continue
+                        events, per_request = self._assign(pending, self._last_id + 1)
                         await log.append(events)
                     except Exception as exc:
-                        what = f"events {events[0].id}..{events[-1].id}"
+                        count = sum(len(request.drafts) for request in pending)
+                        what = (
+                            f"{count} event(s)"
+                            if batches_send is None
+                            else (f"events {self._last_id + 1}..{self._last_id + count}")
+                        )
                         logger.exception(
                             "stream %r: the store failed to append %s", self.stream_id, what
                         )
+                        unknown = isinstance(exc, StoreOutcomeUnknown)
+                        outcome_text = (
+                            "it may or may not be stored (if it is, subscribers get it as usual)"
+                            if unknown
+                            else "nothing was stored"
+                        )
                         for request in pending:
-                            error = StoreError(
+                            error = (StoreOutcomeUnknown if unknown else StoreError)(
                                 f"stream {self.stream_id!r}: the store failed to append {what} "
-                                f"({exc.__class__.__name__}: {exc}); nothing was stored"
+                                f"({exc.__class__.__name__}: {exc}); {outcome_text}"
                             )
                             error.__cause__ = exc
                             request.complete(outcome.Error(error))
                         stored = log.last_id - self._last_id
-                        if stored > 0:
+                        if stored > 0 and batches_send is not None:
                             # The store broke its contract (a failed append must store
                             # nothing). Follow it rather than wedge: every later batch would
                             # fail, and live subscribers must not miss stored ids.
@@ -468,12 +515,9 @@ class EventStream:
                             self._head_bytes = _HEAD_BYTES + len(str(self._last_id + 1))
                             await batches_send.send(events[:stored])
                         continue
-                    self._last_id = events[-1].id
+                    self._last_id = self._appended_id = events[-1].id
                     self._head_bytes = _HEAD_BYTES + len(str(self._last_id + 1))
-                    self._published += len(events)
-                    self._batch_count += 1
-                    for request, result in zip(pending, per_request, strict=True):
-                        request.complete(outcome.Value(result))
+                    self._complete(pending, per_request)
                     try:
                         batches_send.send_nowait(events)
                     except trio.WouldBlock:
@@ -482,7 +526,98 @@ class EventStream:
             self._fail_waiting_publishers(pending)
             # Nothing is appended any more: what is left unsynced, closing the log syncs.
             self._maintenance.cancel()
+            self._writer_done = True
+            self._stop_tail_reader_if_level()
 
+    def _complete(self, requests: list[_PublishRequest], per_request: list[list[Event]]) -> None:
+        """Count a stored batch and give each publisher its events."""
+        self._published += sum(len(events) for events in per_request)
+        self._batch_count += 1
+        for request, result in zip(requests, per_request, strict=True):
+            request.complete(outcome.Value(result))
+
+    async def _append_shared(
+        self, requests: list[_PublishRequest]
+    ) -> tuple[list[Event], list[list[Event]]]:
+        """Store a batch in a shared log, which numbers it; keep the events for the reader."""
+        assert self._shared is not None
+        now, ts_json = self._timestamp()
+        head = b'{"timestamp":' + ts_json
+        bodies = [head + draft[5] for request in requests for draft in request.drafts]
+        first_id = await self._shared.append_new(bodies)
+        events, per_request = self._assign(requests, first_id, now, ts_json)
+        last_id = events[-1].id
+        self._appended_id = last_id
+        if last_id > self._last_id:
+            self._last_id = last_id
+            self._head_bytes = _HEAD_BYTES + len(str(last_id + 1))
+        if last_id > self._followed_id and len(self._own_events) + len(events) <= _MAX_OWN_EVENTS:
+            for event in events:
+                self._own_events[event.id] = event
+        return events, per_request
+
+    def _stop_tail_reader_if_level(self) -> None:
+        """Once the writer has ended, the tail reader ends when it has passed on the writer's
+        last event: cancel its wait if it already has."""
+        level = self._writer_done and self._followed_id >= self._appended_id
+        if level and self._tail_scope is not None:
+            self._tail_scope.cancel()
+
+    @trio.lowlevel.enable_ki_protection
+    async def _run_tail_reader(self, log: SharedStreamLog) -> None:
+        """Feed the router every event of a shared log, this process's and others', in order.
+
+        It ends once the writer has ended and every event the writer stored is passed on.
+        """
+        batches_send = self._batches_send
+        own = self._own_events
+        registry = self.registry
+        async with batches_send:
+            while not (self._writer_done and self._followed_id >= self._appended_id):
+                with trio.CancelScope() as scope:
+                    self._tail_scope = scope
+                    try:
+                        raw = await log.read_new(self._followed_id, limit=self._max_batch)
+                    except HistoryTruncated as exc:
+                        # Retention outran this reader: go on from what is left, loudly.
+                        logger.error(
+                            "stream %r: events %d..%d were removed by retention before this "
+                            "process read them; its subscribers do not get them",
+                            self.stream_id,
+                            self._followed_id + 1,
+                            exc.first_id - 1,
+                        )
+                        self._followed_id = exc.first_id - 1
+                        for event_id in [i for i in self._own_events if i < exc.first_id]:
+                            del self._own_events[event_id]
+                        continue
+                self._tail_scope = None
+                if scope.cancelled_caught or not raw:
+                    continue  # cancelled: the writer has ended and nothing is left to pass on
+                events: list[Event] = []
+                for event_id, body in enumerate(raw.bodies, raw.first_id):
+                    event = own.pop(event_id, None)
+                    if event is None:
+                        try:
+                            event = event_from_dict(orjson.loads(body), registry, raw=body)
+                        except (orjson.JSONDecodeError, EventDecodeError) as exc:
+                            logger.error(
+                                "stream %r: event %d in the shared log cannot be decoded, and "
+                                "is not delivered: %s",
+                                self.stream_id,
+                                event_id,
+                                exc,
+                            )
+                            continue
+                    events.append(event)
+                self._followed_id = raw.last_id
+                if raw.last_id > self._last_id:
+                    self._last_id = raw.last_id
+                    self._head_bytes = _HEAD_BYTES + len(str(raw.last_id + 1))
+                if events:
+                    await batches_send.send(events)
+
+    @trio.lowlevel.enable_ki_protection
     async def _wait_for_requests(self) -> None:
         """Park the writer until a publisher queues a request or the stream closes."""
         self._writer_task = trio.lowlevel.current_task()
@@ -493,6 +628,7 @@ class EventStream:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    @trio.lowlevel.enable_ki_protection
     def _wake_writer(self) -> None:
         writer = self._writer_task
         if writer is not None:
@@ -528,15 +664,26 @@ class EventStream:
         with self._maintenance:
             await self._log.maintain()
 
-    def _assign(self, requests: list[_PublishRequest]) -> tuple[list[Event], list[list[Event]]]:
-        """Give the drafts of `requests` their ids and timestamp, in arrival order."""
+    def _timestamp(self) -> tuple[datetime, bytes]:
+        """The next batch's timestamp, and its JSON."""
         now = datetime.now(UTC)
-        # Timestamps never go backwards along ids, even if the wall clock does.
+        # Timestamps never go backwards along ids, even if the wall clock does (with a
+        # shared log, along the ids of this process).
         if now < self._last_timestamp:
             now = self._last_timestamp
         self._last_timestamp = now
-        ts_json = timestamp_json(now)
-        next_id = self._last_id + 1
+        return now, timestamp_json(now)
+
+    def _assign(
+        self,
+        requests: list[_PublishRequest],
+        next_id: int,
+        now: datetime | None = None,
+        ts_json: bytes = b"",
+    ) -> tuple[list[Event], list[list[Event]]]:
+        """Give the drafts of `requests` their ids from `next_id` and a timestamp, in order."""
+        if now is None:
+            now, ts_json = self._timestamp()
         events: list[Event] = []
         per_request: list[list[Event]] = []
         for request in requests:
@@ -557,9 +704,16 @@ class EventStream:
         self._writer_task = None
         self._refuse_waiting()
         message = f"stream {self.stream_id!r} closed before this event was stored"
+        # A shared log's append that was cancelled may have reached the store all the same.
+        sent = (
+            f"stream {self.stream_id!r} closed while this event was being stored: it may or "
+            f"may not have been stored (if it was, other processes deliver it)"
+            if self._shared is not None
+            else message
+        )
         for request in in_flight:
             if request.result is None:
-                request.complete(outcome.Error(StreamClosed(message)))
+                request.complete(outcome.Error(StreamClosed(sent)))
         while self._queue:
             self._queue.popleft().complete(outcome.Error(StreamClosed(message)))
 
@@ -574,10 +728,37 @@ class EventStream:
             return self._log.last_id
         return self._dispatched_id_value
 
+    def _remember(self, batch: list[Event]) -> None:
+        """Add a dispatched batch to the newest events, forgetting the oldest beyond bounds."""
+        recent = self._recent
+        recent.extend(batch)
+        # Events from the writer and the tail reader always carry their JSON.
+        size = self._recent_bytes + sum(len(event._json or b"") for event in batch)
+        while recent and (size > _RECENT_BYTES or len(recent) > _RECENT_EVENTS):
+            size -= len(recent.popleft()._json or b"")
+        self._recent_bytes = size
+
+    def _recent_events(self, start_id: int, end_id: int, limit: int) -> list[Event] | None:
+        """Events ``start_id..end_id`` (at most `limit`) from the newest dispatched ones, or
+        None if they are not all there (the caller then reads the store)."""
+        recent = self._recent
+        if not recent:
+            return None
+        first = recent[0].id
+        # Dense ids only (a shared log's tail reader may skip an undecodable event), and none
+        # that retention removed from the store: a subscriber learns of those as a gap.
+        if start_id < max(first, self._log.first_id) or recent[-1].id - first + 1 != len(recent):
+            return None
+        offset = start_id - first
+        count = min(end_id - start_id + 1, limit, len(recent) - offset)
+        return list(itertools.islice(recent, offset, offset + count)) if count > 0 else None
+
+    @trio.lowlevel.enable_ki_protection
     async def _run_router(self) -> None:
         try:
             async for batch in self._batches:
                 self._dispatched_id_value = batch[-1].id
+                self._remember(batch)
                 fanout = self._fanout
                 end = len(batch)
                 for sub in fanout:
@@ -907,6 +1088,7 @@ class EventStream:
             missed_total=missed + sum(s.missed for s in current),
         )
 
+    @trio.lowlevel.enable_ki_protection
     def _begin_close(self) -> None:
         """Stop accepting publishes; the writer drains what was accepted, then everything ends."""
         self._closed = True
@@ -976,6 +1158,10 @@ async def open_event_stream(
                 nursery.start_soon(stream._run_maintenance, name=f"log upkeep {stream_id}")
                 nursery.start_soon(stream._run_writer, name=f"writer {stream_id}")
                 nursery.start_soon(stream._run_router, name=f"router {stream_id}")
+                if stream._shared is not None:
+                    nursery.start_soon(
+                        stream._run_tail_reader, stream._shared, name=f"tail reader {stream_id}"
+                    )
                 try:
                     yield stream
                 finally:

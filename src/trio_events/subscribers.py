@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from .errors import HistoryTruncated, StreamClosed, SubscriberDisconnected
+from .errors import HistoryTruncated, StoreError, StreamClosed, SubscriberDisconnected
 from .events import Event, PayloadRegistry
 from .filters import EventFilter
 
@@ -47,6 +47,8 @@ Callback = Callable[[Event], Awaitable[object] | object]
 """A subscriber callback: a sync or async callable taking one `Event`."""
 
 _MAX_CATCH_UP_READ = 4096
+# How long a subscriber waits before it reads again when the store could not be read.
+_CATCH_UP_RETRY = 1.0
 
 
 class Overflow(enum.Enum):
@@ -188,6 +190,8 @@ class _StreamView(Protocol):
     @property
     def _dispatched_id(self) -> int: ...
 
+    def _recent_events(self, start_id: int, end_id: int, limit: int) -> list[Event] | None: ...
+
 
 class _Subscriber:
     """One subscriber's queue, cursor, policy and counters: the router's side and the consumer's."""
@@ -301,12 +305,14 @@ class _Subscriber:
                 return end
         return end
 
+    @trio.lowlevel.enable_ki_protection
     def _detach(self, state: SubscriberState) -> None:
         self.live = False
         self.state = state
         # A router parked on this subscriber's room (BLOCK) must not wait for it any longer.
         self._wake_router()
 
+    @trio.lowlevel.enable_ki_protection
     def wake(self) -> None:
         """Ring the doorbell: wake the consumer if it is waiting."""
         task = self._reader
@@ -314,6 +320,7 @@ class _Subscriber:
             self._reader = None
             trio.lowlevel.reschedule(task)
 
+    @trio.lowlevel.enable_ki_protection
     async def wait_for_room(self) -> None:
         """Park the router until the consumer takes an event (``BLOCK``), or the subscriber ends."""
         self._router_waiter = trio.lowlevel.current_task()
@@ -324,12 +331,14 @@ class _Subscriber:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    @trio.lowlevel.enable_ki_protection
     def _wake_router(self) -> None:
         task = self._router_waiter
         if task is not None:
             self._router_waiter = None
             trio.lowlevel.reschedule(task)
 
+    @trio.lowlevel.enable_ki_protection
     def close(self, state: SubscriberState) -> None:
         """No more events will be offered.
 
@@ -347,6 +356,7 @@ class _Subscriber:
 
     # --- consumer side ------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     def take(self) -> Event:
         """Pop the next queued event (the queue must not be empty)."""
         event = self.queue.popleft()
@@ -373,6 +383,7 @@ class _Subscriber:
             await self._park()
         return True
 
+    @trio.lowlevel.enable_ki_protection
     async def _park(self) -> None:
         if self._reader is not None:
             raise trio.BusyResourceError("another task is already reading this subscriber")
@@ -406,7 +417,14 @@ class _Subscriber:
             )
         chunk = min(self.buffer, _MAX_CATCH_UP_READ)
         try:
-            events = await stream._log.read(self.cursor + 1, target, limit=chunk)
+            # The newest events are still in the stream's memory: a subscriber that fell a
+            # little behind catches up without a store read.
+            recent = stream._recent_events(self.cursor + 1, target, chunk)
+            if recent is None:
+                events = await stream._log.read(self.cursor + 1, target, limit=chunk)
+            else:
+                events = recent
+                await trio.lowlevel.checkpoint()
         except HistoryTruncated as exc:
             skipped = exc.first_id - 1 - self.cursor
             self.gaps += 1
@@ -421,8 +439,39 @@ class _Subscriber:
             )
             self.cursor = exc.first_id - 1
             return
+        except StoreError as exc:
+            # The store is unreachable (Redis down longer than its outage timeout): this
+            # subscriber waits and reads again; it must not take the stream down with it.
+            logger.warning(
+                "stream %r: subscriber %s/%s could not read events after %d (%s); retrying in %g s",
+                stream.stream_id,
+                self.subscriber_id,
+                self.callback_id,
+                self.cursor,
+                exc,
+                _CATCH_UP_RETRY,
+            )
+            await trio.sleep(_CATCH_UP_RETRY)
+            return
         if self.state is not SubscriberState.CATCHING_UP:
             return  # ended while reading
+        if not events:
+            # Ids the store has no event for (a shared store skips entries it cannot decode):
+            # the read would have returned any of the next `chunk` ids. Move past them,
+            # counted as a gap, rather than read the same hole forever.
+            skip_to = min(target, self.cursor + chunk)
+            self.gaps += 1
+            self.missed += skip_to - self.cursor
+            logger.warning(
+                "stream %r: subscriber %s/%s: the store has no events %d..%d; skipped",
+                stream.stream_id,
+                self.subscriber_id,
+                self.callback_id,
+                self.cursor + 1,
+                skip_to,
+            )
+            self.cursor = skip_to
+            return
         flt = self.filter
         registry = stream.registry
         for event in events:
@@ -489,6 +538,9 @@ def _as_async(callback: Callback, in_thread: bool) -> Callable[[Event], Awaitabl
 class _CallbackActor:
     """The supervised task that drains one subscriber into its callback."""
 
+    # Many thousands may exist at once: no per-instance dict.
+    __slots__ = ("_failure_times", "call", "cancel_scope", "sub", "supervision")
+
     def __init__(
         self,
         sub: _Subscriber,
@@ -501,7 +553,8 @@ class _CallbackActor:
         self.call = _as_async(callback, in_thread)
         self.supervision = supervision
         self.cancel_scope = trio.CancelScope()
-        self._failure_times: deque[float] = deque()
+        # Only with Supervision.max_failures: most subscribers never need it.
+        self._failure_times: deque[float] | None = None
 
     async def run(self) -> None:
         sub = self.sub
@@ -572,6 +625,8 @@ class _CallbackActor:
             return False
         now = trio.current_time()
         times = self._failure_times
+        if times is None:
+            times = self._failure_times = deque()
         times.append(now)
         horizon = now - self.supervision.window
         while times and times[0] < horizon:

@@ -16,7 +16,7 @@ import attrs
 from ..errors import InvalidStreamId
 from ..events import Event, PayloadRegistry
 
-__all__ = ["EventStore", "RawEvents", "StreamLog", "check_stream_id"]
+__all__ = ["EventStore", "RawEvents", "SharedStreamLog", "StreamLog", "check_stream_id"]
 
 _STREAM_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -138,6 +138,36 @@ class StreamLog(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SharedStreamLog(StreamLog, Protocol):
+    """A log that several processes append to at once: the store assigns the ids.
+
+    A stream whose log is shared does not number events itself. Its writer stores each batch
+    with `append_new` and learns the ids from it; its router is fed by `read_new`, which
+    returns every event appended after an id, by any process, so that local and remote events
+    reach local subscribers in the one order of the store.
+
+    ``last_id`` is the highest id this log has appended or read with `read_new`: other
+    processes may already have appended more.
+    """
+
+    async def append_new(self, bodies: Sequence[bytes]) -> int:
+        """Store events given as their JSON without the ``id`` member (``{"timestamp":…}``),
+        atomically and in order, and return the id the first one got (the others follow it).
+
+        Raises `StoreError` when the batch could not be stored; none of it is then stored.
+        """
+        ...
+
+    async def read_new(self, after_id: int, *, limit: int) -> RawEvents:
+        """Wait for events after `after_id` and return up to `limit` of them (dense, in order).
+
+        May return none, after a while, so that its caller can look around; it rides out
+        connection losses by itself, resuming after `after_id`.
+        """
+        ...
 
 
 @runtime_checkable

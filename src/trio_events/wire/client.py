@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -259,6 +259,23 @@ class _Pending:
     error: ClientError | None = None
 
 
+def _check_urls(urls: str | Sequence[str]) -> tuple[list[str], str, str, bool]:
+    """`_check_url` of one URL or of several that name the same stream and filter."""
+    if isinstance(urls, str):
+        urls = [urls]
+    elif not isinstance(urls, Sequence) or not urls:
+        raise ValueError(f"url must be a str or a non-empty list of them, not {urls!r}")
+    checked = [_check_url(url) for url in urls]
+    _, stream_id, query, filtered = checked[0]
+    for url, (_, other_id, other_query, _) in zip(urls, checked, strict=True):
+        if (other_id, other_query) != (stream_id, query):
+            raise ValueError(
+                f"every url must name the same stream and filter as the first, "
+                f"{urls[0]!r}; {url!r} does not"
+            )
+    return [base for base, *_ in checked], stream_id, query, filtered
+
+
 def _check_url(url: str) -> tuple[str, str, str, bool]:
     """(base URL without query, stream id, filter query, filtered?) or `ValueError`."""
     if not isinstance(url, str):
@@ -293,7 +310,7 @@ class Connection:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         after: int | Literal["latest"],
         token: str | None,
@@ -303,7 +320,8 @@ class Connection:
         max_buffer: int,
         max_message_size: int,
     ) -> None:
-        self._base, self.stream_id, self._query, self._filtered = _check_url(url)
+        self._bases, self.stream_id, self._query, self._filtered = _check_urls(url)
+        self._server = 0  # the index in `_bases` of the server to (re)connect to
         if after != "latest" and (type(after) is not int or not -1 <= after < 2**63):
             raise ValueError(f"after is -1, 'latest' or an event id >= 0, not {after!r}")
         if token is not None and (not isinstance(token, str) or not _TOKEN.fullmatch(token)):
@@ -435,7 +453,7 @@ class Connection:
     def _url(self) -> str:
         after = self._after if self.epoch is None else self.cursor
         query = urlencode({"after": after}) + (f"&{self._query}" if self._query else "")
-        return f"{self._base}?{query}"
+        return f"{self._bases[self._server]}?{query}"
 
     async def _run(self) -> None:
         failures = 0
@@ -456,6 +474,8 @@ class Connection:
                         ) from drop.__cause__
                     delay = self.backoff.delay(failures, random.random())
                     failures += 1
+                    # Each reconnect tries the next server: they serve the same history.
+                    self._server = (self._server + 1) % len(self._bases)
                     logger.info(
                         "stream %s: connection lost (%s); reconnecting in %.3f s after=%d",
                         self.stream_id,
@@ -608,7 +628,7 @@ class _ProtocolViolation(Exception):
 
 @asynccontextmanager
 async def connect(
-    url: str,
+    url: str | Sequence[str],
     *,
     after: int | Literal["latest"] = -1,
     token: str | None = None,
@@ -623,7 +643,8 @@ async def connect(
     Args:
         url: ``ws://HOST:PORT/v1/streams/{stream_id}``, optionally with the filter parameters
             (``types``, ``source``, ``exclude_hidden``, ``q``); not ``after`` or ``token``.
-            A bad URL is a `ValueError`.
+            A bad URL is a `ValueError`. Several URLs are several servers of the same
+            history (sharing a `RedisStreamStore`): each reconnect tries the next one.
         after: The id of the last event you already have, ``-1`` for all history, or
             ``"latest"`` for new events only.
         token: Sent as ``Authorization: Bearer``; never logged or shown.

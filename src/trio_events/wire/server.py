@@ -71,6 +71,8 @@ from ..errors import (
     EventEncodeError,
     EventTooLarge,
     HistoryTruncated,
+    StoreError,
+    StoreOutcomeUnknown,
     StreamClosed,
     TooManyStreams,
 )
@@ -1095,5 +1097,20 @@ class _Connection:
             )
         except (ValueError, EventEncodeError) as exc:
             return Error(ErrorCode.BAD_REQUEST, str(exc), message.req)
+        except StoreOutcomeUnknown:
+            # The stream's writer logged the store's error; its details stay in the log.
+            return Error(
+                ErrorCode.INTERNAL,
+                "the store did not confirm this event: it may or may not have been published "
+                "(if it was, it reaches subscribers as usual); check before publishing it again",
+                message.req,
+            )
+        except StoreError:
+            return Error(
+                ErrorCode.INTERNAL,
+                "the store failed to store this event, and it was not published: publish it "
+                "again later",
+                message.req,
+            )
         await self.send(Ack(message.req, event.id))
         return None
