@@ -3,9 +3,13 @@ WebSocket server running in the test's nursery."""
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -189,3 +193,22 @@ async def until_caught_up(ws: WebSocketConnection) -> list[dict[str, Any]]:
         out.append(msg)
         if msg["op"] == "caught_up":
             return out
+
+
+async def start_serve(
+    nursery: trio.Nursery, *flags: str, cwd: str | None = None
+) -> tuple[str, trio.Process]:
+    """Start ``trio-events serve FLAGS --port 0`` as a process of `nursery`; when it is ready,
+    return the base of its URLs (``ws://127.0.0.1:PORT``) and the process."""
+    command = [sys.executable, "-m", "trio_events.cli", "serve", *flags, "--port", "0"]
+    run = partial(trio.run_process, command, cwd=cwd, stdout=subprocess.PIPE, check=False)
+    process: trio.Process = await nursery.start(run)
+    assert process.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        data = await process.stdout.receive_some()
+        assert data, f"the server exited before it was ready: {line!r}"
+        line += data
+    ready = re.search(r"serving streams on (ws://\S+)/v1/streams/ID", line.decode())
+    assert ready, line
+    return ready[1], process

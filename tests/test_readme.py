@@ -6,12 +6,12 @@ import re
 import signal
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import trio
 
 import trio_events as te
+from helpers import start_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,20 +41,10 @@ async def test_main_job_command_serves_publishes_and_stops_cleanly(tmp_path: Pat
     subcommand = main_job.split("trio-events", 1)[1].split()
     assert subcommand[:1] == ["serve"], main_job
     # The README's command as it is, in a fresh directory; only the port is left to the system.
-    command = [sys.executable, "-m", "trio_events.cli", *subcommand, "--port", "0"]
-    run = partial(trio.run_process, command, cwd=tmp_path, stdout=subprocess.PIPE, check=False)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            server: trio.Process = await nursery.start(run)
-            assert server.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                data = await server.stdout.receive_some()
-                assert data, f"the server exited before it was ready: {line!r}"
-                line += data
-            ready = re.search(r"serving streams on (ws://\S+)/v1/streams/ID", line.decode())
-            assert ready, line
-            async with te.connect(f"{ready[1]}/v1/streams/readme") as conn:
+            base, server = await start_serve(nursery, *subcommand[1:], cwd=str(tmp_path))
+            async with te.connect(f"{base}/v1/streams/readme") as conn:
                 event_id = await conn.publish({"content": "hi"}, source="user", type="t")
                 event = await anext(conn)
             assert (event.id, event.payload) == (event_id, {"content": "hi"})

@@ -7,17 +7,14 @@ sequence, whichever server it is connected to, through a Redis restart and a ser
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 import pytest
 import trio
 
 import trio_events as te
+from helpers import start_serve
 from redis_helpers import REDIS_URL, ChildRedis, delete_prefix, unique_prefix
 
 FAST_RECONNECT = te.Backoff(base=0.05, cap=0.5)
@@ -32,30 +29,11 @@ async def servers(
         bases: list[str] = []
         processes: list[trio.Process] = []
         for _ in range(count):
-            command = [
-                sys.executable,
-                "-m",
-                "trio_events.cli",
-                "serve",
-                "--store",
-                redis_url,
-                "--key-prefix",
-                prefix,
-                "--port",
-                "0",
-            ]
-            run = partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
-            process: trio.Process = await nursery.start(run)
-            assert process.stdout is not None
-            line = b""
             with trio.fail_after(30):
-                while not line.endswith(b"\n"):
-                    data = await process.stdout.receive_some()
-                    assert data, f"a server exited before it was ready: {line!r}"
-                    line += data
-            ready = re.search(r"serving streams on (ws://\S+)/v1/streams/ID", line.decode())
-            assert ready, line
-            bases.append(ready[1] + "/v1/streams/")
+                base, process = await start_serve(
+                    nursery, "--store", redis_url, "--key-prefix", prefix
+                )
+            bases.append(base + "/v1/streams/")
             processes.append(process)
         try:
             yield bases, processes

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -413,3 +415,38 @@ async def test_closing_a_stream_while_redis_hangs_keeps_to_the_shutdown_timeout(
     assert closing < 0.5 + 0.25 + 0.5
     assert len(errors) == 1
     assert "it may or may not have been stored" in str(errors[0])
+
+
+async def test_explicit_appends_continue_ids_past_what_a_lua_double_prints_plainly() -> None:
+    async with redis_test_store() as store:
+        key, _ = store.keys("s")
+        log = await store.open_stream("s", te.default_registry)
+        await log.aclose()
+        big = 10**14  # Lua's number-to-string conversion would write 1e+14
+        meta = store.keys("s")[1]
+        epoch = await store._client.hget(meta, "epoch")
+        assert epoch is not None
+        await store._client.xadd(key, {"event": b"{}", "epoch": epoch}, identifier=f"0-{big}")
+        log = await store.open_stream("s", te.default_registry)
+        assert log.last_id == big - 1
+        stamp = datetime(2026, 11, 26, tzinfo=UTC)
+        events = [te.Event(big + n, stamp, te.EventSource.AGENT, "t", {"n": n}) for n in range(2)]
+        await log.append(events)
+        assert [e.id for e in await log.read(big, big + 1, limit=5)] == [big, big + 1]
+        await log.aclose()
+
+
+def test_coredis_is_imported_only_when_the_redis_store_is_used() -> None:
+    code = (
+        "import sys, trio_events as te\n"
+        "assert 'coredis' not in sys.modules, 'imported eagerly'\n"
+        "te.RedisStreamStore\n"
+        "assert 'coredis' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    without = (
+        "import sys\nsys.modules['coredis'] = None\nimport trio_events as te\nte.open_redis_store\n"
+    )
+    result = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "open_redis_store needs coredis: pip install 'trio-events[redis]'" in result.stderr

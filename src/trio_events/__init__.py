@@ -127,11 +127,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The Redis store is imported on first use: coredis takes longer to import than the rest.
     if name in {"RedisStreamStore", "open_redis_store"}:
-        try:
-            from .store import redis
-        except ModuleNotFoundError as exc:
-            raise ImportError(
-                f"{name} needs coredis: pip install 'trio-events[redis]' ({exc})"
-            ) from exc
-        return getattr(redis, name)
+        from . import store
+
+        return getattr(store, name)  # the store package says what to install if need be
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -732,10 +732,19 @@ class EventStream:
         """Add a dispatched batch to the newest events, forgetting the oldest beyond bounds."""
         recent = self._recent
         recent.extend(batch)
-        # Events from the writer and the tail reader always carry their JSON.
-        size = self._recent_bytes + sum(len(event._json or b"") for event in batch)
-        while recent and (size > _RECENT_BYTES or len(recent) > _RECENT_EVENTS):
-            size -= len(recent.popleft()._json or b"")
+        # On the router's path, so sizes are estimated per batch, not summed per event: the
+        # batch's last JSON stands for all of its events (a writer's and a tail reader's
+        # events always carry their JSON).
+        size = self._recent_bytes + len(batch) * len(batch[-1]._json or b"")
+        count = len(recent)
+        excess = count - _RECENT_EVENTS
+        if size > _RECENT_BYTES:
+            excess = max(excess, math.ceil((size - _RECENT_BYTES) * count / size))
+        if excess > 0:
+            popleft = recent.popleft
+            for _ in itertools.repeat(None, excess):
+                popleft()
+            size -= size * excess // count
         self._recent_bytes = size
 
     def _recent_events(self, start_id: int, end_id: int, limit: int) -> list[Event] | None:
