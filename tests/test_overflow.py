@@ -207,6 +207,8 @@ async def test_catch_up_stalled_subscriber_never_blocks_publisher_and_loses_noth
         stats = slow.stats()
         assert stats.state is te.SubscriberState.LIVE
         assert (stats.delivered, stats.queue_depth, stats.lag, stats.dropped) == (n, 0, 0, 0)
+        assert stats.peak_queue_depth == buffer  # its high-water mark outlives the backlog
+        assert healthy.stats().peak_queue_depth <= 4 * chunk
         catch_ups = stats.catch_ups
 
         # Back in live fan-out: new events arrive without another catch-up.

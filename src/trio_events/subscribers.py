@@ -157,6 +157,8 @@ class SubscriberStats:
         restarts: Re-deliveries of a failed event by the supervisor.
         catch_ups: Times the subscriber left live fan-out to read history from the store.
         queue_depth: Events queued now.
+        peak_queue_depth: The most events ever queued at once (at most ``buffer``): how close
+            the subscriber came to its overflow policy.
         lag: Events published but not yet delivered to this subscriber (counting events its
             filter will skip).
         last_id: The id up to which this subscriber is done (delivered, or skipped by its
@@ -174,6 +176,7 @@ class SubscriberStats:
     restarts: int
     catch_ups: int
     queue_depth: int
+    peak_queue_depth: int
     lag: int
     last_id: int
     state: SubscriberState
@@ -212,6 +215,7 @@ class _Subscriber:
         "live",
         "missed",
         "overflow",
+        "peak_queue_depth",
         "queue",
         "restarts",
         "state",
@@ -238,7 +242,7 @@ class _Subscriber:
         self.overflow = overflow
         self.queue: deque[Event] = deque()
         self.delivered = self.dropped = self.missed = self.gaps = 0
-        self.errors = self.restarts = self.catch_ups = 0
+        self.errors = self.restarts = self.catch_ups = self.peak_queue_depth = 0
         self.closed = False
         self._reader: trio.lowlevel.Task | None = None
         self._router_waiter: trio.lowlevel.Task | None = None
@@ -262,48 +266,54 @@ class _Subscriber:
         Returns the index where the router must wait for room (``BLOCK`` only), or
         ``len(batch)`` when the whole batch has been dealt with.
         """
-        end = len(batch)
-        if batch[start].id <= self.cursor:
-            # Already seen (it re-joined after catching up on part of this batch); skip those.
-            while start < end and batch[start].id <= self.cursor:
-                start += 1
-            if start == end:
+        try:
+            end = len(batch)
+            if batch[start].id <= self.cursor:
+                # Already seen (it re-joined after catching up on part of this batch); skip those.
+                while start < end and batch[start].id <= self.cursor:
+                    start += 1
+                if start == end:
+                    return end
+            queue = self.queue
+            flt = self.filter
+            if flt is None and len(queue) + end - start <= self.buffer:
+                queue.extend(batch if start == 0 else batch[start:])
+                self.cursor = batch[-1].id
                 return end
-        queue = self.queue
-        flt = self.filter
-        if flt is None and len(queue) + end - start <= self.buffer:
-            queue.extend(batch if start == 0 else batch[start:])
-            self.cursor = batch[-1].id
+            registry = self.stream.registry
+            for i in range(start, end):
+                event = batch[i]
+                if flt is not None and not flt.include(event, registry):
+                    self.cursor = event.id
+                    continue
+                if len(queue) < self.buffer:
+                    queue.append(event)
+                    self.cursor = event.id
+                    continue
+                overflow = self.overflow
+                if overflow is Overflow.BLOCK:
+                    return i
+                if overflow is Overflow.CATCH_UP:
+                    self._detach(SubscriberState.CATCHING_UP)
+                    self.catch_ups += 1
+                    return end
+                if overflow is Overflow.DROP_NEWEST:
+                    self.dropped += 1
+                    self.cursor = event.id
+                elif overflow is Overflow.DROP_OLDEST:
+                    queue.popleft()
+                    queue.append(event)
+                    self.dropped += 1
+                    self.cursor = event.id
+                else:  # DISCONNECT
+                    self._detach(SubscriberState.DISCONNECTED)
+                    return end
             return end
-        registry = self.stream.registry
-        for i in range(start, end):
-            event = batch[i]
-            if flt is not None and not flt.include(event, registry):
-                self.cursor = event.id
-                continue
-            if len(queue) < self.buffer:
-                queue.append(event)
-                self.cursor = event.id
-                continue
-            overflow = self.overflow
-            if overflow is Overflow.BLOCK:
-                return i
-            if overflow is Overflow.CATCH_UP:
-                self._detach(SubscriberState.CATCHING_UP)
-                self.catch_ups += 1
-                return end
-            if overflow is Overflow.DROP_NEWEST:
-                self.dropped += 1
-                self.cursor = event.id
-            elif overflow is Overflow.DROP_OLDEST:
-                queue.popleft()
-                queue.append(event)
-                self.dropped += 1
-                self.cursor = event.id
-            else:  # DISCONNECT
-                self._detach(SubscriberState.DISCONNECTED)
-                return end
-        return end
+        finally:
+            # Once per call, not per event: the queue is at its deepest when the call ends.
+            depth = len(self.queue)
+            if depth > self.peak_queue_depth:
+                self.peak_queue_depth = depth
 
     @trio.lowlevel.enable_ki_protection
     def _detach(self, state: SubscriberState) -> None:
@@ -480,6 +490,7 @@ class _Subscriber:
             self.cursor = event.id
             if flt is None or flt.include(event, registry):
                 self.queue.append(event)
+        self.peak_queue_depth = max(self.peak_queue_depth, len(self.queue))
 
     @property
     def position(self) -> int:
@@ -501,6 +512,7 @@ class _Subscriber:
             restarts=self.restarts,
             catch_ups=self.catch_ups,
             queue_depth=len(self.queue),
+            peak_queue_depth=self.peak_queue_depth,
             lag=max(0, last_id - pending_from),
             last_id=self.position,
             state=self.state,

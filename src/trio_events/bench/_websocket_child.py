@@ -66,7 +66,7 @@ async def _publish(stream: EventStream, count: int, batch: int, rate: float, pad
 async def _sample(stream: EventStream, peak: list[int]) -> None:
     while True:
         for stats in stream.statistics().subscribers.values():
-            peak[0] = max(peak[0], stats.queue_depth)
+            peak[0] = max(peak[0], stats.peak_queue_depth)
         await trio.sleep(_SAMPLE_SECONDS)
 
 

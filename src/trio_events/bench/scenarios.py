@@ -3,7 +3,7 @@
 Every repetition opens a fresh stream (on a `MemoryStore`, or on a `LogStore` in a temporary
 directory for ``durable``), subscribes the callbacks, publishes the warm-up events and waits
 until they are delivered, then publishes the measured events and waits until every subscriber
-is done with them. A sampler task reads the subscribers' queue depths meanwhile.
+is done with them. Peak queue depths are the subscribers' own high-water marks.
 
 Latency is taken in this process: the publisher puts ``time.perf_counter_ns()`` into each
 payload just before the publish call, and the callback subtracts it from its own reading when
@@ -37,8 +37,8 @@ __all__ = ["run_in_process"]
 _STREAM = "bench"
 _TYPE = "bench.tick"
 _SUBSCRIBER = "bench"
-# How often the sampler reads queue depths and the drain check polls. Reading statistics
-# costs about a microsecond per subscriber, so this keeps the sampler's share small.
+# How often the drain check polls. Reading statistics costs about a microsecond per
+# subscriber, so this keeps the check's share small.
 _SAMPLE_SECONDS = 0.002
 _SHUTDOWN_SECONDS = 2.0
 
@@ -52,7 +52,6 @@ class _Tracker:
     check: DeliveryCheck
     latencies: list[int] = attrs.Factory(list)
     busy: bool = False
-    peak_queue: int = 0
 
 
 def _busy_wait(seconds: float) -> None:
@@ -126,15 +125,6 @@ def _is_done(tracker: _Tracker, stats: SubscriberStats, last_id: int) -> bool:
         return True
     # A DROP_* policy may have dropped the last events: done once nothing is left for it.
     return bool(stats.last_id >= last_id and stats.queue_depth == 0)
-
-
-async def _sample_queues(stream: EventStream, trackers: dict[tuple[str, str], _Tracker]) -> None:
-    """Keep each tracker's peak queue depth, until cancelled."""
-    while True:
-        for key, stats in stream.statistics().subscribers.items():
-            tracker = trackers[key]
-            tracker.peak_queue = max(tracker.peak_queue, stats.queue_depth)
-        await trio.sleep(_SAMPLE_SECONDS)
 
 
 async def _drained(stream: EventStream, trackers: dict[tuple[str, str], _Tracker]) -> None:
@@ -236,7 +226,7 @@ def _collect(
                 dropped=stats.dropped - dropped,
                 catch_ups=stats.catch_ups - catch_ups,
                 missed=stats.missed - missed,
-                peak_queue_depth=tracker.peak_queue,
+                peak_queue_depth=stats.peak_queue_depth,
                 state=stats.state.value,
                 problems=tuple(
                     tracker.check.problems(last_id, lossless=config.lossless, dropped=accounted)
@@ -259,7 +249,6 @@ async def _measure(config: BenchConfig, store: EventStore) -> RunResult:
         baseline = _counts(stream, trackers)
         with trio.move_on_after(config.timeout) as deadline:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_sample_queues, stream, trackers)
                 if config.warmup:
                     await _publish(stream, config, config.warmup, None, 1)
                     await _drained(stream, trackers)
@@ -296,7 +285,7 @@ async def _measure(config: BenchConfig, store: EventStore) -> RunResult:
             ns for t in trackers.values() if t.role != "slow" for ns in t.latencies
         ),
         slow_latency=summarize_latency(ns for t in slow for ns in t.latencies) if slow else None,
-        peak_queue_depth=max(t.peak_queue for t in trackers.values()),
+        peak_queue_depth=max((s.peak_queue_depth for s in subscribers), default=0),
         peak_rss_mb=0.0,  # filled in by the caller, once the store is closed
         rss_source="",
         subscribers=tuple(subscribers),
