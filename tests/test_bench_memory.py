@@ -59,7 +59,16 @@ def test_memory_tiny_run_measures_everything_with_every_event_delivered_once() -
     report = json.loads(proc.stdout)
     assert report["errors"] == []
     results = report["results"]
-    assert set(results) == MEMORY_KEYS
+    # The python-socketio baseline needs the bench extra; without it the report says so.
+    if importlib.util.find_spec("socketio") is None:
+        assert set(results) == MEMORY_KEYS - {"idle_websockets_socketio"}
+        assert report["skipped"] == [
+            "idle_websockets_socketio: not measured (socketio is not installed: "
+            "pip install -e '.[bench]')"
+        ]
+    else:
+        assert set(results) == MEMORY_KEYS
+        assert report["skipped"] == []
     for key, r in results.items():
         # A child only returns figures once its exactly-once check has passed.
         assert r["exactly_once"] is (key != "stalled_log_no_subscriber"), key
