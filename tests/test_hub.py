@@ -455,7 +455,7 @@ async def test_a_stream_failing_to_close_is_logged_and_spares_the_hub(
         assert a.closed
         assert b.closed
         assert hub.statistics().closed == 2
-        assert "stream 'a' failed while closing" in caplog.text
+        assert "stream 'a' stopped with an error" in caplog.text
         async with hub.stream("a") as again:  # the hub goes on
             assert not again.closed
             await publish(again)

@@ -299,8 +299,9 @@ class EventHub:
         except Exception:
             if not started:
                 raise  # to `_open`, and from there to every caller waiting for the open
-            # One stream failing to close must not take the hub and its other streams down.
-            logger.exception("hub: stream %r failed while closing", entry.stream_id)
+            # One stream failing (while open, or while closing) must not take the hub and its
+            # other streams down; the next request for it opens it again.
+            logger.exception("hub: stream %r stopped with an error", entry.stream_id)
         finally:
             if started:
                 entry.state = "closed"
