@@ -185,7 +185,8 @@ class RedisStreamStore:
         retain_events: Keep only the newest this many events of each stream (``XTRIM MAXLEN``
             after each batch); ``None`` keeps everything.
         outage_timeout: How long an operation waits for Redis to come back (retrying with
-            backoff) before it fails with `StoreError`; ``math.inf`` waits for as long as it
+            backoff) before it fails: with `StoreOutcomeUnknown` for an append (it may have
+            been stored), with `StoreError` otherwise. ``math.inf`` waits for as long as it
             takes, ``0`` fails at the first error. Tail readers always wait.
     """
 
