@@ -49,11 +49,9 @@ import itertools
 import json
 import os
 import platform
-import queue
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,6 +59,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from _children import BenchmarkError, Child
 
 SCRIPT = os.path.abspath(__file__)
 TIMEOUT = 120.0  # seconds, for any one wait; a run that has not finished by then is broken
@@ -72,10 +72,6 @@ TARGETS_MB: dict[str, float] = {
     "idle_websockets": 200.0,
     "stalled_growth": 10.0,
 }
-
-
-class BenchmarkError(RuntimeError):
-    """A measurement lost, duplicated or reordered events, failed, or did not finish in time."""
 
 
 # ============================================================================================
@@ -652,79 +648,10 @@ def _stalled_threads(events: int, payload_bytes: int) -> dict[str, Any]:
 # ============================================================================================
 
 
-class _Proc:
-    """A child process of this script, spoken to by lines on its stdin and stdout."""
-
-    def __init__(self, name: str, args: Sequence[str]) -> None:
-        self.name = name
-        self.popen = subprocess.Popen(
-            [sys.executable, SCRIPT, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            start_new_session=True,  # Ctrl-C reaches only the parent, which stops the children
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def _read_stderr(self) -> None:
-        assert self.popen.stderr is not None
-        self.stderr.extend(self.popen.stderr)
-
-    def send(self, line: str) -> None:
-        assert self.popen.stdin is not None
-        try:
-            self.popen.stdin.write(line + "\n")
-            self.popen.stdin.flush()
-        except BrokenPipeError as exc:
-            raise BenchmarkError(f"{self.name} has exited ({self.popen.poll()})") from exc
-
-    def expect(self, word: str, timeout: float) -> str:
-        """Wait for the next line starting with `word` and return the rest of it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise BenchmarkError(f"{self.name}: no {word} within {timeout:g} s") from None
-            if line is None:
-                code = self.popen.wait()
-                time.sleep(0.1)  # let the stderr reader finish, for the message
-                tail = "".join(self.stderr).strip().splitlines()[-3:]
-                raise BenchmarkError(f"{self.name} exited ({code}) before {word}: {tail}")
-            if line.split(" ", 1)[0] == word:
-                return line[len(word) :].strip()
-
-    def close(self) -> None:
-        """Stop the process: ``quit``, then SIGTERM, then SIGKILL."""
-        with contextlib.suppress(OSError, ValueError):
-            assert self.popen.stdin is not None
-            self.popen.stdin.write("quit\n")
-            self.popen.stdin.close()
-        for stop in (None, self.popen.terminate, self.popen.kill):
-            if stop is not None:
-                stop()
-            try:
-                self.popen.wait(5.0)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
 def _run_child(name: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one measurement in a fresh process and return its figures."""
     with contextlib.ExitStack() as stack:
-        proc = _Proc(name, ["_child", name, json.dumps(params)])
+        proc = Child(SCRIPT, name, ["_child", name, json.dumps(params)])
         stack.callback(proc.close)
         return dict(json.loads(proc.expect("RESULT", timeout)))
 
@@ -735,11 +662,14 @@ def _measure_websockets(
     """The server's RSS with `connections` idle clients (`kind`: ``ours`` or ``sio``)."""
     live = 3
     with contextlib.ExitStack() as stack:
-        server = _Proc(f"{kind} server", [f"_{kind}_server", str(connections), str(prefill)])
+        server = Child(
+            SCRIPT, f"{kind} server", [f"_{kind}_server", str(connections), str(prefill)]
+        )
         stack.callback(server.close)
         port, before_json = server.expect("READY", timeout).split(" ", 1)
         before = json.loads(before_json)
-        clients = _Proc(
+        clients = Child(
+            SCRIPT,
             f"{kind} clients",
             ["_ws_clients", kind, port, str(connections), str(prefill + live)],
         )

@@ -54,16 +54,13 @@ import importlib.metadata
 import json
 import os
 import platform
-import queue
 import re
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +68,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from _children import BenchmarkError, Child
 
 SCRIPT = os.path.abspath(__file__)
 STREAM_TYPE = "action.run"
@@ -91,10 +90,6 @@ HEADERS: dict[str, str] = {
     "sio_asyncio": "socketio\nAsyncClient",
     "sio_raw": "socketio\nraw ws client",
 }
-
-
-class BenchmarkError(RuntimeError):
-    """A system lost, duplicated or reordered events, failed, or did not finish in time."""
 
 
 def make_payload(n: int, t: int) -> dict[str, Any]:
@@ -533,76 +528,15 @@ def _asyncio_client(spec: _ClientSpec) -> None:
 # ============================================================================================
 
 
-class _Proc:
-    """A child process of this script, spoken to by lines on its stdin and stdout."""
-
-    def __init__(self, name: str, args: Sequence[str]) -> None:
-        self.name = name
-        self.popen = subprocess.Popen(
-            [sys.executable, SCRIPT, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            start_new_session=True,  # Ctrl-C reaches only the parent, which stops the children
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def send(self, line: str) -> None:
-        assert self.popen.stdin is not None
-        try:
-            self.popen.stdin.write(line + "\n")
-            self.popen.stdin.flush()
-        except BrokenPipeError as exc:
-            raise BenchmarkError(f"{self.name} has exited ({self.popen.poll()})") from exc
-
-    def expect(self, word: str, timeout: float) -> str:
-        """Wait for the next line starting with `word` and return the rest of it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise BenchmarkError(f"{self.name}: no {word} within {timeout:g} s") from None
-            if line is None:
-                code = self.popen.wait()
-                raise BenchmarkError(f"{self.name} exited ({code}) before {word}")
-            if line.split(" ", 1)[0] == word:
-                return line[len(word) :].strip()
-            print(f"[{self.name}] {line}", file=sys.stderr)
-
-    def close(self) -> None:
-        """Stop the process: ``quit``, then SIGTERM, then SIGKILL."""
-        with contextlib.suppress(OSError, ValueError):
-            assert self.popen.stdin is not None
-            self.popen.stdin.write("quit\n")
-            self.popen.stdin.close()
-        for stop in (None, self.popen.terminate, self.popen.kill):
-            if stop is not None:
-                stop()
-            try:
-                self.popen.wait(3.0)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
 @dataclass(slots=True)
 class _Server:
-    proc: _Proc
+    proc: Child
     port: int
     backlog: int
 
 
 def _start_server(kind: str, backlog: int, timeout: float, stack: contextlib.ExitStack) -> _Server:
-    proc = _Proc(f"server {kind}", ["_server", kind])
+    proc = Child(SCRIPT, f"server {kind}", ["_server", kind])
     stack.callback(proc.close)
     port = int(proc.expect("READY", timeout))
     proc.send(f"prefill replay {backlog}")
@@ -627,7 +561,8 @@ def _run_scenario(
     with contextlib.ExitStack() as stack:
         procs = []
         for i, conns in enumerate(shares):
-            proc = _Proc(
+            proc = Child(
+                SCRIPT,
                 f"client {column} {i}",
                 [
                     "_client",

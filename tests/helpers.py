@@ -3,6 +3,7 @@ WebSocket server running in the test's nursery."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import socket
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -212,3 +215,20 @@ async def start_serve(
     ready = re.search(r"serving streams on (ws://\S+)/v1/streams/ID", line.decode())
     assert ready, line
     return ready[1], process
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/{name}.py`` (not a package) as module ``bench_{name}``."""
+    # Last on the path, so that a benchmark named like a library never shadows it.
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -6,7 +6,6 @@ reordered events, so its id check is tested directly too.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,17 +14,13 @@ from types import ModuleType
 
 import pytest
 
+from helpers import load_benchmark
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "websocket.py"
 
 
 def _bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_websocket", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("websocket")
 
 
 def _events_frame(ids: list[int]) -> str:
