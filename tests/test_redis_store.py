@@ -25,6 +25,7 @@ import trio_events as te
 from helpers import free_port, server_runner
 from redis_helpers import REDIS_URL, ChildRedis, redis_test_store, unique_prefix
 from trio_events._urls import safe_url
+from trio_events.store import redis as redis_store
 from trio_events.store.redis import RedisStreamLog
 from trio_events.wire.client import EpochChanged
 from trio_events.wire.server import ServerConfig
@@ -132,13 +133,16 @@ async def test_a_publish_can_name_an_event_another_process_published_as_its_caus
             te.open_event_stream("s", store=a_store) as a,
             te.open_event_stream("s", store=b_store) as b,
         ):
-            collector = Collector()
-            b.subscribe("b", collector, "all")
+            at_a, at_b = Collector(), Collector()
+            a.subscribe("a", at_a, "all")
+            b.subscribe("b", at_b, "all")
             first = await a.publish({"q": 1}, source="user", type="t")
             with trio.fail_after(10):
-                await collector.wait_for(1)
+                await at_b.wait_for(1)
             answer = await b.publish({"a": 1}, source="agent", type="t", cause=first.id)
             assert (first.id, answer.id, answer.cause) == (0, 1, 0)
+            with trio.fail_after(10):
+                await at_a.wait_for(2)  # a's tail reader has it: a's history shows it
             assert [e.id async for e in a.search_events()] == [0, 1]
 
 
@@ -450,3 +454,58 @@ def test_coredis_is_imported_only_when_the_redis_store_is_used() -> None:
     result = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True)
     assert result.returncode != 0
     assert "open_redis_store needs coredis: pip install 'trio-events[redis]'" in result.stderr
+
+
+async def test_many_open_streams_share_one_tail_reader_and_few_connections() -> None:
+    async with redis_test_store() as store:
+
+        async def connected_clients() -> int:
+            info = await store._client.info("clients")
+            return int(info["connected_clients"])
+
+        before = await connected_clients()
+        count = 120  # more than coredis' pool of 64: one connection each would starve it
+        collectors = {f"s{n}": Collector() for n in range(count)}
+        async with trio.open_nursery() as nursery:
+            streams: list[te.EventStream] = []
+            opened = trio.Event()
+            done = trio.Event()
+
+            async def hold(n: int) -> None:
+                async with te.open_event_stream(f"s{n}", store=store) as stream:
+                    stream.subscribe("c", collectors[stream.stream_id], "all")
+                    streams.append(stream)
+                    if len(streams) == count:
+                        opened.set()
+                    await done.wait()
+
+            for n in range(count):
+                nursery.start_soon(hold, n)
+            with trio.fail_after(30):
+                await opened.wait()
+                # Each stream was followed while the reader was blocked: the doorbell let the
+                # reader add it, or its events would never arrive.
+                for stream in streams:
+                    await stream.publish({"n": stream.stream_id}, source="user", type="t")
+                for stream in streams:
+                    events = await collectors[stream.stream_id].wait_for(1)
+                    assert [e.payload for e in events] == [{"n": stream.stream_id}]
+            assert await connected_clients() - before <= 4
+            done.set()
+        assert not store._tail_reader.follows  # every closed stream stopped being followed
+
+
+async def test_a_stream_opened_while_the_tail_reader_waits_is_read_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A minute's XREAD BLOCK: without the doorbell, the new stream would wait that long.
+    monkeypatch.setattr(redis_store, "_BLOCK_MS", 60_000)
+    async with redis_test_store() as store:
+        async with te.open_event_stream("first", store=store):
+            await trio.testing.wait_all_tasks_blocked()  # the reader is blocked in its XREAD
+            async with te.open_event_stream("second", store=store) as second:
+                collector = Collector()
+                second.subscribe("c", collector, "all")
+                await second.publish({"n": 1}, source="user", type="t")
+                with trio.fail_after(10):
+                    assert [e.id for e in await collector.wait_for(1)] == [0]

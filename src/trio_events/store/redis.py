@@ -13,16 +13,20 @@ its shards.
 
 A batch is appended by one Lua script (`_APPEND`): atomically (never half of it), in one round
 trip, and idempotently (a batch retried after a lost reply is not stored twice). Several
-`trio-events` processes append to one stream at once; each one's stream is fed by a tail
-reader (`RedisStreamLog.read_new`, ``XREAD BLOCK``), so that every process delivers every event,
-its own and the others', in the one order of the Redis stream.
+`trio-events` processes append to one stream at once; each one's stream is fed from
+`RedisStreamLog.read_new`, so that every process delivers every event, its own and the
+others', in the one order of the Redis stream. A store from `open_redis_store` serves
+`read_new` from one `_TailReader`: a single ``XREAD BLOCK`` for all of the process's open
+streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -31,6 +35,7 @@ import coredis
 import coredis.exceptions
 import orjson
 import trio
+from coredis.tokens import PureToken
 
 from .._checks import check_int
 from .._groups import sole_exception
@@ -51,9 +56,10 @@ _MAX_BACKOFF = 1.0
 _MIN_ATTEMPT_SECONDS = 1.0
 _ATTEMPT_SECONDS = 5.0
 _CLOSE_SECONDS = 0.25
-# Streams one process may have open at once on a store from `open_redis_store`: each tail
-# reader holds a connection (Redis accepts 10,000 clients by default).
-_MAX_TAIL_READERS = 4096
+# Entries one XREAD returns per stream, and the most a stream may have waiting before the
+# tail reader leaves it out (so that one slow stream does not fill memory).
+_READ_COUNT = 1024
+_MAX_BUFFERED = 4 * _READ_COUNT
 _FIELD = b"event"
 _EPOCH_FIELD = b"epoch"
 # Errors that mean "Redis cannot be reached now": worth retrying. A script or command error
@@ -158,8 +164,146 @@ def _event_json(event_id: int, body: bytes) -> bytes:
     return b'{"id":%d,%b' % (event_id, body[1:])
 
 
+def _bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
 def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+
+
+class _Follow:
+    """One open stream's place in a `_TailReader`: entries read for it, not yet taken."""
+
+    __slots__ = ("entries", "fetched", "key", "reader", "ready", "reconnected")
+
+    def __init__(self, reader: _TailReader, key: bytes, after_id: int) -> None:
+        self.reader = reader
+        self.key = key
+        self.fetched = _entry_id(after_id)  # the next XREAD reads after this entry
+        self.entries: deque[Any] = deque()
+        self.ready = trio.Event()
+        self.reconnected = False  # Redis was unreachable since the last take
+
+    async def next_entries(self, after_id: int, limit: int) -> tuple[list[Any], bool]:
+        """Up to `limit` entries after event `after_id`, waiting about two seconds at most
+        for one; and whether Redis was unreachable meanwhile."""
+        entries = self.entries
+        self._drop_through(after_id)
+        if not entries:
+            self.ready = trio.Event()
+            with trio.move_on_after(_BLOCK_MS / 1000):
+                await self.ready.wait()
+            self._drop_through(after_id)
+        else:
+            await trio.lowlevel.checkpoint()
+        was_full = len(entries) >= _MAX_BUFFERED
+        taken = [entries.popleft() for _ in range(min(limit, len(entries)))]
+        if was_full and len(entries) < _MAX_BUFFERED:
+            await self.reader.ring(self.key)  # it left this stream out while it was full
+        reconnected, self.reconnected = self.reconnected, False
+        return taken, reconnected
+
+    def put_back(self, entries: Sequence[Any]) -> None:
+        """Return entries taken by `next_entries` but not used, to be taken first next time."""
+        self.entries.extendleft(reversed(entries))
+
+    def _drop_through(self, after_id: int) -> None:
+        entries = self.entries
+        while entries and _event_id(entries[0].identifier, self.key.decode()) <= after_id:
+            entries.popleft()
+
+    def leave(self) -> None:
+        """Stop following: the stream is closed."""
+        self.reader.follows.pop(self.key, None)
+
+
+class _TailReader:
+    """Follows every open stream of a store with one ``XREAD BLOCK``, on one connection.
+
+    Each open stream's log registers a `_Follow`; the reader appends what Redis returns for a
+    stream to its follow and wakes it. A stream that starts being followed while the reader
+    is blocked (or one whose backlog drained) rings a *doorbell*: an entry added to a stream
+    of the reader's own, which the blocked ``XREAD`` also waits on.
+    """
+
+    def __init__(
+        self, client: coredis.Redis[bytes], ring_client: coredis.Redis[bytes], doorbell: str
+    ) -> None:
+        self._client = client
+        self._ring_client = ring_client
+        self.doorbell = doorbell.encode()
+        self._doorbell_seen = b"0-0"
+        self.follows: dict[bytes, _Follow] = {}
+        self._reading: frozenset[bytes] = frozenset()  # the keys of the XREAD in flight
+
+    async def follow(self, key: str, after_id: int) -> _Follow:
+        """Follow stream `key` from after event `after_id`."""
+        follow = _Follow(self, key.encode(), after_id)
+        self.follows[follow.key] = follow
+        await self.ring(follow.key)
+        return follow
+
+    async def ring(self, key: bytes) -> None:
+        """Make the blocked XREAD start again if it leaves `key` out."""
+        if not self._reading or key in self._reading:
+            return  # the next XREAD, or this one, includes it
+        try:
+            await self._ring_client.xadd(
+                self.doorbell, {"ring": "1"}, trim_strategy=PureToken.MAXLEN, threshold=1
+            )
+        except _UNAVAILABLE:
+            pass  # the reader is waiting for Redis too, and reads everything when it is back
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read until cancelled, riding out outages (each follow is told of one)."""
+        task_status.started()
+        delay = 0.05
+        unreachable_since: float | None = None
+        while True:
+            streams = {
+                key: follow.fetched
+                for key, follow in self.follows.items()
+                if len(follow.entries) < _MAX_BUFFERED
+            }
+            streams[self.doorbell] = self._doorbell_seen
+            self._reading = frozenset(streams)
+            try:
+                reply = await self._client.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
+            except _UNAVAILABLE as exc:
+                if unreachable_since is None:
+                    unreachable_since = trio.current_time()
+                    logger.warning(
+                        "Redis unreachable (%s); the tail reader retries until it is back",
+                        _describe(exc),
+                    )
+                await trio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            finally:
+                self._reading = frozenset()
+            delay = 0.05
+            if unreachable_since is not None:
+                logger.warning(
+                    "Redis reachable again after %.1f s; the tail reader resumes",
+                    trio.current_time() - unreachable_since,
+                )
+                unreachable_since = None
+                for follow in self.follows.values():
+                    follow.reconnected = True
+                    follow.ready.set()
+            for key, entries in (reply or {}).items():
+                if not entries:
+                    continue
+                last = _bytes(entries[-1].identifier)
+                if key == self.doorbell:
+                    self._doorbell_seen = last
+                    continue
+                reading = self.follows.get(_bytes(key))
+                if reading is not None:
+                    reading.entries.extend(entries)
+                    reading.fetched = last
+                    reading.ready.set()
 
 
 class RedisStreamStore:
@@ -177,10 +321,10 @@ class RedisStreamStore:
     Args:
         client: A ``coredis.Redis`` (or ``coredis.RedisCluster``) with ``decode_responses``
             off.
-        tail_client: The client of the tail readers, each of which keeps one of its
-            connections blocked in ``XREAD BLOCK`` while its stream is open (default:
-            `client`). Give one with a pool of its own, as `open_redis_store` does, so that
-            many open streams never starve other commands of connections.
+        tail_client: The client of the streams' ``XREAD BLOCK``: with no shared reader (see
+            `open_redis_store`), each open stream keeps one of its connections blocked
+            (default: `client`). Give one with a pool of its own, so that open streams never
+            starve other commands of connections.
         key_prefix: Prepended to every key, so that several deployments can share one Redis.
         retain_events: Keep only the newest this many events of each stream (``XTRIM MAXLEN``
             after each batch); ``None`` keeps everything.
@@ -210,6 +354,8 @@ class RedisStreamStore:
         self._key_prefix = key_prefix
         self._retain = retain_events
         self._outage_timeout = outage_timeout
+        # Set by `open_redis_store`, which runs it: one XREAD for every open stream.
+        self._tail_reader: _TailReader | None = None
         self._open_script = client.register_script(_OPEN)
         self._append_script = client.register_script(_APPEND)
 
@@ -296,7 +442,8 @@ class RedisStreamLog:
         # recognised (see `_APPEND`); the sequence number counts its batches.
         self._token = uuid.uuid4().hex
         self._batch_seq = 0
-        self._unreachable_since: float | None = None
+        # This stream's place in the store's `_TailReader`, while the log is open (if any).
+        self._follow: _Follow | None = None
 
     @property
     def epoch(self) -> str:
@@ -331,6 +478,9 @@ class RedisStreamLog:
         self._epoch_bytes = epoch
         self._last_id = _event_id(last, self._key) if last != b"0-0" else -1
         self._first_id = _event_id(head, self._key) if head else self._last_id + 1
+        reader = self._store._tail_reader
+        if reader is not None:
+            self._follow = await reader.follow(self._key, self._last_id)
 
     # --- appending ----------------------------------------------------------------------------
 
@@ -539,14 +689,39 @@ class RedisStreamLog:
             HistoryTruncated: retention removed events after `after_id` before they were read.
             StoreError: the stream's history in Redis was reset (its epoch changed).
         """
+        entries: Sequence[Any]
+        if self._follow is not None:
+            entries, reconnected = await self._follow.next_entries(after_id, limit)
+        else:
+            entries, reconnected = await self._xread(after_id, limit)
+        if reconnected:
+            await self._check_epoch()
+        if not entries:
+            await self._check_epoch()
+            return RawEvents(after_id + 1, [])
+        key = self._key
+        bodies = self._bodies(entries, after_id + 1)
+        if self._follow is not None and len(bodies) < len(entries):
+            # Not taken (behind a hole): the tail reader will not read them again.
+            self._follow.put_back(entries[len(bodies) :])
+        if not bodies:
+            first = _event_id(entries[0].identifier, key)
+            raise HistoryTruncated(after_id + 1, first)
+        self._last_id = max(self._last_id, after_id + len(bodies))
+        return RawEvents(after_id + 1, bodies)
+
+    async def _xread(self, after_id: int, limit: int) -> tuple[Sequence[Any], bool]:
+        """`read_new` on a connection of its own (a store without a `_TailReader`): the entries,
+        and whether Redis was unreachable meanwhile."""
         client, key, start = self._store._tail_client, self._key, _entry_id(after_id)
         delay = 0.05
+        unreachable_since: float | None = None
         while True:
             try:
                 reply = await client.xread({key: start}, count=limit, block=_BLOCK_MS)
             except _UNAVAILABLE as exc:
-                if self._unreachable_since is None:
-                    self._unreachable_since = trio.current_time()
+                if unreachable_since is None:
+                    unreachable_since = trio.current_time()
                     logger.warning(
                         "stream %r: Redis unreachable (%s); the tail reader retries until it "
                         "is back",
@@ -557,26 +732,15 @@ class RedisStreamLog:
                 delay = min(delay * 2, _MAX_BACKOFF)
                 continue
             break
-        if self._unreachable_since is not None:
+        if unreachable_since is not None:
             logger.warning(
                 "stream %r: Redis reachable again after %.1f s; the tail reader resumes after "
                 "event %d",
                 self.stream_id,
-                trio.current_time() - self._unreachable_since,
+                trio.current_time() - unreachable_since,
                 after_id,
             )
-            self._unreachable_since = None
-            await self._check_epoch()
-        if not reply:
-            await self._check_epoch()
-            return RawEvents(after_id + 1, [])
-        entries = next(iter(reply.values()))
-        bodies = self._bodies(entries, after_id + 1)
-        if not bodies:
-            first = _event_id(entries[0].identifier, key)
-            raise HistoryTruncated(after_id + 1, first)
-        self._last_id = max(self._last_id, after_id + len(bodies))
-        return RawEvents(after_id + 1, bodies)
+        return (next(iter(reply.values())) if reply else ()), unreachable_since is not None
 
     async def _check_epoch(self) -> None:
         """Raise `StoreError` if the stream's history in Redis is not the one this log opened."""
@@ -601,7 +765,11 @@ class RedisStreamLog:
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        """Forget this writer's record in the meta hash (best effort, bounded)."""
+        """Stop following the stream, and forget this writer's record in the meta hash (best
+        effort, bounded)."""
+        if self._follow is not None:
+            self._follow.leave()
+            self._follow = None
         meta, field = self._meta, f"w:{self._token}"
         with trio.move_on_after(_CLOSE_SECONDS):
             try:
@@ -622,7 +790,9 @@ async def open_redis_store(
     """Connect to Redis at `url` and give a `RedisStreamStore` for the block's duration.
 
     `url` is ``redis://[user:password@]host:port/db`` (or ``rediss://`` for TLS). The other
-    arguments are `RedisStreamStore`'s.
+    arguments are `RedisStreamStore`'s. The block owns a task that follows every stream the
+    process opens on the store in one ``XREAD BLOCK``, so the store holds a few connections
+    however many streams are open.
 
     Raises:
         StoreError: Redis cannot be reached, or is older than 7.0 (``XADD … 0-*``).
@@ -638,10 +808,8 @@ async def open_redis_store(
         "connect_timeout": 5,
     }
     client: coredis.Redis[bytes] = coredis.Redis.from_url(url, **options)
-    # One connection per open stream, for its tail reader: apart from the others' pool.
-    tail_client: coredis.Redis[bytes] = coredis.Redis.from_url(
-        url, max_connections=_MAX_TAIL_READERS, **options
-    )
+    # The tail reader's blocked XREAD keeps a connection: apart from the others' pool.
+    tail_client: coredis.Redis[bytes] = coredis.Redis.from_url(url, **options)
     # Checks the options before connecting.
     store = RedisStreamStore(
         client,
@@ -659,6 +827,17 @@ async def open_redis_store(
                     await stack.enter_async_context(each)
                     entered += 1
                 await _check_server(store, url)
+                reader = _TailReader(
+                    tail_client, client, f"{key_prefix}doorbell:{uuid.uuid4().hex}"
+                )
+                # Runs once the reader has stopped, while the clients are still open.
+                stack.push_async_callback(_forget, client, reader.doorbell)
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                entered += 1
+                await nursery.start(reader.run)
+                store._tail_reader = reader
+                # Last in, first out: the reader stops before the clients close.
+                stack.callback(nursery.cancel_scope.cancel)
             except _UNAVAILABLE as exc:
                 raise StoreError(
                     f"cannot connect to Redis at {safe_url(url)} ({_describe(exc)}): is it running?"
@@ -684,6 +863,16 @@ async def open_redis_store(
             raise single
         finally:
             del single
+
+
+async def _forget(client: coredis.Redis[bytes], key: bytes) -> None:
+    """Delete `key` (best effort, bounded, even while the block is being cancelled)."""
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(_CLOSE_SECONDS),
+        contextlib.suppress(*_UNAVAILABLE, coredis.exceptions.RedisError),
+    ):
+        await client.delete([key])
 
 
 async def _check_server(store: RedisStreamStore, url: str) -> None:
