@@ -509,3 +509,13 @@ async def test_a_stream_opened_while_the_tail_reader_waits_is_read_at_once(
                 await second.publish({"n": 1}, source="user", type="t")
                 with trio.fail_after(10):
                     assert [e.id for e in await collector.wait_for(1)] == [0]
+
+
+async def test_a_stream_is_open_once_at_a_time_on_a_store() -> None:
+    async with redis_test_store() as store:
+        log = await store.open_stream("s", te.default_registry)
+        with pytest.raises(te.StoreError, match="open already on this store"):
+            await store.open_stream("s", te.default_registry)
+        await log.aclose()
+        again = await store.open_stream("s", te.default_registry)  # once closed, it opens
+        await again.aclose()

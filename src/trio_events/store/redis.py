@@ -238,7 +238,16 @@ class _TailReader:
         self._reading: frozenset[bytes] = frozenset()  # the keys of the XREAD in flight
 
     async def follow(self, key: str, after_id: int) -> _Follow:
-        """Follow stream `key` from after event `after_id`."""
+        """Follow stream `key` from after event `after_id`.
+
+        Raises:
+            StoreError: the stream is open already on this store.
+        """
+        if key.encode() in self.follows:
+            raise StoreError(
+                f"Redis key {key!r} is open already on this store: open each stream once at "
+                f"a time in a process (an EventHub does), and close it before opening it again"
+            )
         follow = _Follow(self, key.encode(), after_id)
         self.follows[follow.key] = follow
         await self.ring(follow.key)
