@@ -6,6 +6,7 @@ schedule itself is tested as a pure function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,8 @@ import attrs
 import orjson
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trio_events as te
 from helpers import count_tasks, free_port, server_runner
@@ -57,12 +59,18 @@ Handler = Callable[[WebSocketRequest], Awaitable[None]]
 
 @asynccontextmanager
 async def tiny_server(handler: Handler) -> AsyncIterator[int]:
-    """A hand-written server (trio-websocket): for behaviours the real one does not have."""
+    """A hand-written server (trio-websocket): for behaviours the real one does not have.
+
+    A handler that finds the client gone (`ConnectionClosed`) just ends.
+    """
+
+    async def run(request: WebSocketRequest) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await handler(request)
+
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            functools.partial(
-                serve_websocket, handler, "127.0.0.1", 0, None, handler_nursery=nursery
-            )
+            functools.partial(serve_websocket, run, "127.0.0.1", 0, None, handler_nursery=nursery)
         )
         yield server.port
         nursery.cancel_scope.cancel()
@@ -576,3 +584,68 @@ async def test_a_first_cursor_ahead_of_the_head_is_bad_request() -> None:
             with pytest.raises(BadRequest, match="ahead"):
                 async with connect(server.url(), after=7):
                     pass  # pragma: no cover
+
+
+# --- leaving ----------------------------------------------------------------------------------
+
+
+Body = Callable[[Connection, trio.CancelScope], Awaitable[None]]
+
+
+async def _close_code_seen_by_server(body: Body) -> int | None:
+    """Run `body` inside ``connect`` (and a cancel scope around it) to a server that sends more
+    events than the client buffers; return the close code the server got (None: the TCP
+    connection dropped without a close frame, which a WebSocket peer reports as 1006)."""
+    seen: list[int | None] = []
+    closed = trio.Event()
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await hello(ws)
+        try:
+            for i in range(50):
+                event = {"id": i, "timestamp": "2026-01-01T00:00:00Z", "source": "agent",
+                         "type": "t", "cause": None, "hidden": False, "payload": {}}  # fmt: skip
+                await send(ws, {"op": "events", "events": [event]})
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            seen.append(None if exc.reason is None else exc.reason.code)
+        finally:
+            closed.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with tiny_server(handler) as port:
+            url = f"ws://127.0.0.1:{port}/v1/streams/s"
+            with contextlib.suppress(KeyError), trio.CancelScope() as scope:
+                async with connect(url, max_buffer=4) as conn:
+                    await body(conn, scope)
+            await closed.wait()
+    assert len(seen) == 1
+    return seen[0]
+
+
+async def test_leaving_connect_closes_with_1000_not_a_dropped_socket() -> None:
+    async def read_some(conn: Connection, _: trio.CancelScope) -> None:
+        assert await take(conn, 3) == [0, 1, 2]
+
+    assert await _close_code_seen_by_server(read_some) == 1000
+
+
+async def test_leaving_with_a_full_buffer_still_closes_with_1000() -> None:
+    async def leave_with_a_full_buffer(conn: Connection, _: trio.CancelScope) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.cursor == 3  # 4 events buffered: the reader waits for room
+
+    assert await _close_code_seen_by_server(leave_with_a_full_buffer) == 1000
+
+
+async def test_leaving_by_an_error_or_a_cancellation_still_closes_with_1000() -> None:
+    async def fail(conn: Connection, _: trio.CancelScope) -> None:
+        raise KeyError("the body failed")
+
+    async def cancelled(conn: Connection, scope: trio.CancelScope) -> None:
+        scope.cancel()
+        await trio.sleep_forever()
+
+    assert await _close_code_seen_by_server(fail) == 1000
+    assert await _close_code_seen_by_server(cancelled) == 1000

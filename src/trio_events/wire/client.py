@@ -21,6 +21,7 @@ Every parse and encode is the sans-IO core's (`wire.protocol`); this module only
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -355,6 +356,7 @@ class Connection:
         self._pending: dict[str, _Pending] = {}
         self._next_req = 0
         self._send_lock = trio.Lock()
+        self._leaving: trio.Event | None = None  # set by `_leave` once the close is done
 
     def __repr__(self) -> str:
         return f"<Connection stream={self.stream_id!r} epoch={self.epoch} cursor={self.cursor}>"
@@ -434,6 +436,24 @@ class Connection:
             raise pending.error
         assert pending.id is not None
         return pending.id
+
+    async def _leave(self) -> None:
+        """Close the connection with 1000 and wait for the server's close frame, for at most
+        ``connect_timeout``, even in a cancelled scope: leaving ``connect`` must not look like a
+        dropped connection (1006) to the server."""
+        ws = self._ws
+        if ws is None:
+            return  # not connected: there is nothing to close cleanly
+        self._leaving = trio.Event()
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.connect_timeout
+                # trio-websocket's own reader takes the server's close frame even while ours
+                # waits for room in the buffer: `aclose` closes the channel that reader feeds.
+                with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                    await ws.aclose(CloseCode.NORMAL)
+        finally:
+            self._leaving.set()
 
     def _end_reason(self) -> str:
         return "closed normally" if self._error is None else str(self._error)
@@ -518,6 +538,12 @@ class Connection:
                 try:
                     while True:
                         await self._handle(await self._receive(ws))
+                except ConnectionClosed:
+                    if self._leaving is not None:
+                        # `_leave` is closing this connection: leaving this block would stop
+                        # trio-websocket's reader before it gets the server's close frame.
+                        await self._leaving.wait()
+                    raise
                 finally:
                     self._ws = None
                     self._connected = trio.Event()
@@ -660,7 +686,8 @@ async def connect(
     (`ReconnectFailed`, a `ServerError` such as `NotFound`...). Events come in id order, each
     once, across reconnects. The iteration ends after a normal close (1000) and raises
     `EpochChanged`, `ReconnectFailed`, `Unauthorized` (1008) when the connection ends with
-    one, after the events received before.
+    one, after the events received before. Leaving the block, however it is left, closes the
+    connection with 1000 (waiting at most ``connect_timeout`` for the server's answer).
     """
     conn = Connection(
         url,
@@ -682,6 +709,7 @@ async def connect(
             try:
                 yield conn
             finally:
+                await conn._leave()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The reader task never raises: this is the body's (or the opening's) one exception.
