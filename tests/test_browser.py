@@ -303,6 +303,46 @@ def test_disconnect_from_a_callback_after_a_drop_stays_closed(
     assert result["sockets"] == 1, result  # no reconnect
 
 
+@pytest.mark.parametrize(
+    ("error", "final"),
+    [
+        ({"op": "error", "code": "rate_limited", "message": "too many pings"}, "rate_limited"),
+        ({"op": "error", "code": "unauthorized", "message": "token expired"}, "token_refused"),
+    ],
+    ids=["flood", "expired-token"],
+)
+def test_a_close_1008_is_final_and_says_why(
+    page: Page, site: str, error: dict[str, str], final: str
+) -> None:
+    page.goto(f"{site}/")
+    page.evaluate(FAKE_SOCKET)
+    result = page.evaluate(
+        """async ([hello, error]) => {
+          const { connect } = await import("/trio-events.js");
+          const errors = [];
+          const conn = connect("ws://127.0.0.1:1/v1/streams/s", {
+            reconnect: { baseMs: 5, capMs: 5 },
+            onError: (err) => errors.push(err.code),
+          });
+          const ws = window.sockets[0];
+          ws.readyState = 1;
+          ws.onmessage({ data: JSON.stringify(hello) });
+          ws.onmessage({ data: JSON.stringify(error) });
+          ws.readyState = 3;
+          ws.onclose({ code: 1008, reason: "" });
+          // Ten times the reconnect delay: a reconnect would have opened its socket by then.
+          await new Promise((resolve) => setTimeout(resolve, 50));
+          return { state: conn.state, code: conn.error?.code, sockets: window.sockets.length,
+                   errors };
+        }""",
+        [HELLO, error],
+    )
+    assert result["state"] == "closed", result
+    assert result["code"] == final, result
+    assert result["sockets"] == 1, result  # 1008 is not retried
+    assert result["errors"][-1] == final, result
+
+
 def test_resuming_after_a_long_pause_shows_the_last_events_and_the_skipped_count(
     page: Page, server: ServeProcess
 ) -> None:

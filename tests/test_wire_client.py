@@ -649,3 +649,21 @@ async def test_leaving_by_an_error_or_a_cancellation_still_closes_with_1000() ->
 
     assert await _close_code_seen_by_server(fail) == 1000
     assert await _close_code_seen_by_server(cancelled) == 1000
+
+
+async def test_a_close_for_too_many_refusals_raises_rate_limited_not_unauthorized() -> None:
+    config = ServerConfig(
+        send_timeout=5, close_timeout=0.5, publish_rate=0.001, publish_burst=1, message_burst=2
+    )
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub, config) as server:
+            async with connect(server.url(), backoff=FAST) as conn:
+                assert await conn.publish({}, source="user", type="t") == 0
+                for _ in range(2):
+                    with pytest.raises(RateLimited, match="publish rate limit"):
+                        await conn.publish({}, source="user", type="t")
+                with pytest.raises(RateLimited, match="too many pings and refused messages"):
+                    await conn.publish({}, source="user", type="t")  # over the budget: closed
+                with pytest.raises(RateLimited, match="too many pings and refused messages"):
+                    async for _ in conn:
+                        pass

@@ -4,6 +4,7 @@ and a shutdown that does not wait out the close timeout."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,12 +17,14 @@ import trio
 import trio.testing
 import wsproto
 import wsproto.events as wse
+from hypothesis import given
+from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import trio_events as te
 from helpers import recv, send, server_runner, until_caught_up
 from trio_events.wire.auth import AnyOf, Authenticator, JwtAuthenticator, StaticTokens
-from trio_events.wire.server import ServerConfig
+from trio_events.wire.server import ServerConfig, _TokenBucket
 
 TIMEOUT = 20
 READER = "reader-token-0123456789abcdef"
@@ -309,6 +312,108 @@ async def test_a_publish_flood_is_rate_limited_logged_once_and_nothing_else_brea
                 stored = [e.payload async for e in stream.search_events()]
     assert stored == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 0}]
     assert sum("rate_limited" in line for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("flood", "answer"),
+    [
+        ({"op": "ping", "req": 1}, {"op": "pong", "req": 1}),
+        ({"op": "nonsense"}, None),  # a bad frame: error/bad_request, the connection stays
+        ("not json at all", None),
+    ],
+    ids=["ping", "unknown-op", "not-json"],
+)
+async def test_a_flood_of_pings_or_bad_frames_is_closed_with_1008_and_nothing_else_breaks(
+    flood: object, answer: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ServerConfig(message_rate=0.001, message_burst=5)
+    with server_log(caplog) as lines, trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
+            async with hub.stream("s") as stream:
+                await stream.publish({"n": 0}, source="agent", type="t.x")
+            async with (
+                open_websocket_url(url(port)) as flooder,
+                open_websocket_url(url(port)) as other,
+            ):
+                await until_caught_up(flooder)
+                await until_caught_up(other)
+                for _ in range(20):
+                    if isinstance(flood, str):
+                        await flooder.send_message(flood)
+                    else:
+                        await send(flooder, flood)
+                messages, close = await messages_until_close(flooder)
+                assert close == 1008
+                assert flooder.closed is not None
+                assert "too many pings and refused messages" in (flooder.closed.reason or "")
+                # The budget's worth is answered as usual, then one error says why it ends.
+                answers, last = messages[:5], messages[5:]
+                if answer is not None:
+                    assert answers == [answer] * 5
+                else:
+                    assert [m["code"] for m in answers] == ["bad_request"] * 5
+                assert len(last) == 1
+                assert last[0]["op"] == "error"
+                assert last[0]["code"] == "rate_limited"
+                # It answers the message that went over, with its req when there is one.
+                assert last[0].get("req") == (1 if flood == {"op": "ping", "req": 1} else None)
+                assert "over 0.001/s, burst 5" in last[0]["message"]
+                # Another connection has a budget of its own, and the stream is untouched.
+                await send(other, {"op": "ping", "req": 7})
+                assert await recv(other) == {"op": "pong", "req": 7}
+                await send(other, publish_msg(8, n=1))
+                assert await recv(other) == {"op": "ack", "req": 8, "id": 1}
+            async with hub.stream("s") as stream:
+                stored = [e.payload async for e in stream.search_events()]
+    assert stored == [{"n": 0}, {"n": 1}]
+    closing = "code=1008 reason=too many pings and refused messages"
+    assert sum(closing in line for line in lines) == 1
+
+
+@given(
+    rate=st.floats(0.01, 1000),
+    burst=st.integers(1, 50),
+    gaps=st.lists(st.floats(0, 5), max_size=300),
+)
+def test_a_token_bucket_grants_at_most_burst_plus_rate_times_elapsed_and_refills(
+    rate: float, burst: int, gaps: list[float]
+) -> None:
+    bucket = _TokenBucket(rate, burst, now=0.0)
+    now = 0.0
+    granted: list[float] = []
+    for gap in gaps:
+        now += gap
+        waited = now - granted[-1] if granted else math.inf
+        took = bucket.take(now)
+        if took:
+            granted.append(now)
+        elif waited >= 1 / rate * (1 + 1e-9):
+            raise AssertionError(f"refused after {waited} s without a take at rate {rate}")
+    # Over any window between two grants: no more than the burst plus what the rate refilled.
+    for i, first in enumerate(granted):
+        for j in range(i, min(len(granted), i + 60)):
+            assert j - i + 1 <= burst + rate * (granted[j] - first) + 1e-6
+
+
+async def test_refused_publishes_count_toward_the_message_budget() -> None:
+    # Publishes over their own rate are refused; a client that goes on regardless is closed.
+    config = ServerConfig(publish_rate=0.001, publish_burst=1, message_rate=0.001, message_burst=3)
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
+            async with open_websocket_url(url(port)) as ws:
+                await until_caught_up(ws)
+                for req in range(10):
+                    await send(ws, publish_msg(req, n=req))
+                messages, close = await messages_until_close(ws)
+    answers = [(m["op"], m.get("req"), m.get("code")) for m in messages if m["op"] != "events"]
+    assert answers == [
+        ("ack", 0, None),
+        ("error", 1, "rate_limited"),
+        ("error", 2, "rate_limited"),
+        ("error", 3, "rate_limited"),
+        ("error", 4, "rate_limited"),  # over the message budget: refused, then closed
+    ]
+    assert close == 1008
 
 
 async def test_a_silent_tcp_client_is_dropped_after_the_handshake_timeout() -> None:

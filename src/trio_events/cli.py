@@ -248,6 +248,8 @@ _LIMIT_FLAGS: dict[str, tuple[str | None, str]] = {
     "max_connections_per_address": (None, "open connections per client IP (1013 beyond)"),
     "publish_rate": (None, "sustained publishes per second per connection"),
     "publish_burst": (None, "publishes a connection may send at once"),
+    "message_rate": (None, "sustained pings and refused messages per second per connection"),
+    "message_burst": (None, "pings and refused messages a connection may send at once"),
     "subscriber_buffer": (None, "events queued per connection before it catches up from the store"),
     "max_frame_events": (None, "events per frame, at most"),
     "max_frame_bytes": (None, "bytes per frame, at most"),

@@ -44,6 +44,8 @@ const REFUSED_REPORT_AFTER = 5;
  * - a server error code (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `too_large`,
  *   `rate_limited`, `internal`): the server's `error` answer; `message` is the server's;
  * - `token_refused`: the server refused the token (close 1008): get a valid token, do not retry;
+ *   a close 1008 after `rate_limited` is final with that code instead (too many pings or
+ *   refused messages: fix what was refused before connecting again);
  * - `epoch_changed`: the stream's history was reset: discard stored events, connect with after=-1;
  * - `publish_outcome_unknown`: the connection dropped after a publish was sent and before its
  *   answer; it may or may not be stored, and it was not re-sent;
@@ -340,6 +342,7 @@ export class Connection {
         const err = new TrioEventsError(msg.code, msg.message, { req: msg.req ?? null });
         if (msg.req != null && this._pending.has(String(msg.req))) {
           this._settle(String(msg.req), null, err);
+          this._refusal = err; // if a close 1008 follows, this is why (`rate_limited`)
         } else {
           // An error the server sends before closing (e.g. an expired token); the close decides.
           this._refusal = err;
@@ -470,8 +473,10 @@ export class Connection {
     if (code === CloseCode.POLICY) {
       const detail = refusal ? refusal.message : reason || "no reason given";
       this._closeNotify(code, reason, false);
-      this._finish(new TrioEventsError("token_refused", `token refused: ${detail}`,
-        { serverCode: refusal?.code }));
+      // 1008 after `rate_limited`: too many pings or refused messages, not a token problem.
+      this._finish(refusal?.code === "rate_limited" ? refusal
+        : new TrioEventsError("token_refused", `token refused: ${detail}`,
+          { serverCode: refusal?.code }));
       return;
     }
     if (code === CloseCode.NORMAL && (helloSeen || refusal)) {

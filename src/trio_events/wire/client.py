@@ -357,6 +357,9 @@ class Connection:
         self._next_req = 0
         self._send_lock = trio.Lock()
         self._leaving: trio.Event | None = None  # set by `_leave` once the close is done
+        self._reader_scope = trio.CancelScope(shield=True)
+        # The last `error` on this connection: the reason for a close (1008) that follows.
+        self._last_error: Error | None = None
 
     def __repr__(self) -> str:
         return f"<Connection stream={self.stream_id!r} epoch={self.epoch} cursor={self.cursor}>"
@@ -476,6 +479,12 @@ class Connection:
         return f"{self._bases[self._server]}?{query}"
 
     async def _run(self) -> None:
+        # Shielded: the reader must outlive a cancellation of `connect`'s block long enough
+        # for `_leave` to close cleanly; `connect` cancels this scope itself once it has.
+        with self._reader_scope:
+            await self._follow()
+
+    async def _follow(self) -> None:
         failures = 0
         try:
             while True:
@@ -520,6 +529,7 @@ class Connection:
         if self._token is not None:
             headers.append((b"authorization", b"Bearer " + self._token.encode()))
         hello_seen = False
+        self._last_error = None
         try:
             async with open_websocket_url(
                 self._url(),
@@ -553,6 +563,10 @@ class Connection:
             if code == CloseCode.NORMAL and hello_seen:
                 return
             if code == CloseCode.POLICY:
+                # The `error` before the close says why: an expired token, or a flood of
+                # refused messages (`rate_limited`).
+                if self._last_error is not None:
+                    raise _server_error(self._last_error) from None
                 raise Unauthorized(
                     f"the server closed the connection (1008): {exc.reason}"
                 ) from None
@@ -630,6 +644,8 @@ class Connection:
         elif isinstance(message, CaughtUp):
             self.cursor = max(self.cursor, message.id)
         elif isinstance(message, Ack | Error) and message.req is not None:
+            if isinstance(message, Error):
+                self._last_error = message
             pending = self._pending.pop(str(message.req), None)
             if pending is None:
                 logger.warning("stream %s: an answer to an unknown req", self.stream_id)
@@ -640,6 +656,7 @@ class Connection:
                 pending.error = _server_error(message)
             pending.done.set()
         elif isinstance(message, Error):
+            self._last_error = message
             logger.warning("stream %s: server error %s: %s", self.stream_id, message.code,
                            message.message)  # fmt: skip
         elif isinstance(message, Pong):
@@ -703,14 +720,16 @@ async def connect(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn._run)
-            await conn._ready.wait()
-            if conn.connections == 0 and conn._error is not None:
-                raise conn._error
             try:
+                await conn._ready.wait()
+                if conn.connections == 0 and conn._error is not None:
+                    raise conn._error
                 yield conn
             finally:
-                await conn._leave()
-                nursery.cancel_scope.cancel()
+                try:
+                    await conn._leave()
+                finally:
+                    conn._reader_scope.cancel()
     except BaseExceptionGroup as group:
         # The reader task never raises: this is the body's (or the opening's) one exception.
         if len(group.exceptions) != 1:

@@ -23,8 +23,11 @@ One connection, as implemented here:
    level) and one ``caught_up``. Concurrently, client frames are read: ``publish`` → ``ack``
    (``forbidden`` without the permission, ``rate_limited`` over ``publish_rate``), ``ping`` →
    ``pong``, a bad frame → ``error`` (the connection stays open), a frame over the size limit
-   → ``error``/``too_large`` and close 1009. A WebSocket ping goes out when the client has
-   been silent for half of ``idle_timeout``; no answer by ``idle_timeout`` closes with 1001.
+   → ``error``/``too_large`` and close 1009. Pings and refused messages draw on a budget of
+   their own (``message_rate``, ``message_burst``): a client over it gets
+   ``error``/``rate_limited`` and close 1008, so a flood of them cannot keep the server busy.
+   A WebSocket ping goes out when the client has been silent for half of ``idle_timeout``; no
+   answer by ``idle_timeout`` closes with 1001.
 
 Sends never stop half-way through a frame (a half-sent frame would corrupt the connection):
 each is shielded from cancellation, bounded by ``send_timeout + close_timeout``. A watchdog
@@ -103,6 +106,7 @@ from .protocol import (
     ProtocolError,
     Publish,
     Replay,
+    Req,
     ServerMessage,
     StreamRequest,
     binary_frame_error,
@@ -156,6 +160,13 @@ class ServerConfig:
         publish_rate: Sustained ``publish`` messages per second per connection; a publish over
             the budget gets ``error``/``rate_limited`` and is not published.
         publish_burst: Publishes a connection may send at once before the rate applies.
+        message_rate: Sustained messages per second per connection that publish nothing:
+            ``ping``, and every message refused for the client's doing (a bad frame; a
+            publish that is forbidden, over the rate, too large or malformed; not one the
+            store failed to take). Over the budget the server sends ``error``/``rate_limited``
+            and closes with 1008: answering each one costs the server work, and a client
+            sending them in a loop would otherwise keep it busy.
+        message_burst: Such messages a connection may send at once before the rate applies.
         subscriber_buffer: Events queued per connection before it falls back to catching up
             from the store (``Overflow.CATCH_UP``).
         max_frame_events: Events in one ``events`` frame, at most.
@@ -172,6 +183,8 @@ class ServerConfig:
     max_connections_per_address: int = attrs.field(default=256, validator=_at_least_one)
     publish_rate: float = attrs.field(default=1000.0, validator=_positive_rate)
     publish_burst: int = attrs.field(default=1000, validator=_at_least_one)
+    message_rate: float = attrs.field(default=20.0, validator=_positive_rate)
+    message_burst: int = attrs.field(default=100, validator=_at_least_one)
     subscriber_buffer: int = attrs.field(default=1024, validator=_at_least_one)
     max_frame_events: int = attrs.field(default=DEFAULT_MAX_FRAME_EVENTS, validator=_at_least_one)
     max_frame_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_at_least_one)
@@ -679,6 +692,27 @@ def _feed_with_gaps(replay: Replay, batch: list[Event]) -> list[ServerMessage]:
     return messages
 
 
+class _TokenBucket:
+    """A rate limit: `burst` at once, then `rate` per second (on Trio's clock)."""
+
+    __slots__ = ("_burst", "_rate", "_refilled", "_tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = self._burst
+        self._refilled = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one; False if the budget is spent for now."""
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class _Connection:
     def __init__(
         self,
@@ -713,8 +747,11 @@ class _Connection:
         self.send_scopes: set[trio.CancelScope] = set()
         self.hard_deadline = math.inf
         self.last_heard = trio.current_time()
-        self.publish_tokens = float(config.publish_burst)
-        self.publish_refilled = self.last_heard
+        self.publishes = _TokenBucket(config.publish_rate, config.publish_burst, self.last_heard)
+        # Pings and refused messages: each is answered, so each costs the server a send.
+        self.other_messages = _TokenBucket(
+            config.message_rate, config.message_burst, self.last_heard
+        )
         self.refused_codes: set[ErrorCode] = set()
 
     @property
@@ -1031,26 +1068,34 @@ class _Connection:
                 if exc.code is ErrorCode.TOO_LARGE:
                     await self.refuse(exc, CloseCode.TOO_BIG)
                     return
+                if await self._over_message_budget(exc.req):
+                    return
                 self.note_refused(exc.code)
                 await self.send(exc.to_message())
                 continue
             if isinstance(message, Ping):
+                if await self._over_message_budget(message.req):
+                    return
                 await self.send(Pong(message.req))
             else:
                 await self._publish(stream, message)
 
-    def _take_publish_token(self) -> bool:
-        """Token bucket: ``publish_burst`` at once, ``publish_rate`` per second sustained."""
-        now = trio.current_time()
-        config = self.config
-        self.publish_tokens = min(
-            float(config.publish_burst),
-            self.publish_tokens + (now - self.publish_refilled) * config.publish_rate,
-        )
-        self.publish_refilled = now
-        if self.publish_tokens < 1.0:
+    async def _over_message_budget(self, req: Req | None) -> bool:
+        """Take one message from the budget of pings and refusals; if it is spent, answer the
+        message (`req`) with why, close the connection with 1008, and return True."""
+        if self.other_messages.take(trio.current_time()):
             return False
-        self.publish_tokens -= 1.0
+        config = self.config
+        self.note_refused(ErrorCode.RATE_LIMITED)
+        error = Error(
+            ErrorCode.RATE_LIMITED,
+            f"too many pings and refused messages (over {config.message_rate:g}/s, burst "
+            f"{config.message_burst}); this connection is closed: fix what was refused, ping "
+            f"less often, then reconnect with after=<last id you have>",
+            req,
+        )
+        await self.send(error)
+        self.finish(CloseCode.POLICY, "too many pings and refused messages")
         return True
 
     async def _publish(self, stream: EventStream, message: Publish) -> None:
@@ -1063,7 +1108,7 @@ class _Connection:
                 f"your token does not allow publishing to stream {stream_id!r}",
                 message.req,
             )
-        elif not self._take_publish_token():
+        elif not self.publishes.take(trio.current_time()):
             refusal = Error(
                 ErrorCode.RATE_LIMITED,
                 f"over the publish rate limit ({self.config.publish_rate:g}/s, burst "
@@ -1074,6 +1119,9 @@ class _Connection:
             refusal = await self._try_publish(stream, message)
             if refusal is None:
                 return
+        # A refusal the server caused (its store failing) is not held against the client.
+        if refusal.code is not ErrorCode.INTERNAL and await self._over_message_budget(message.req):
+            return
         self.note_refused(refusal.code)
         await self.send(refusal)
 
