@@ -35,6 +35,43 @@ def free_port() -> int:
     return port
 
 
+@asynccontextmanager
+async def blackhole_proxy(target_port: int) -> AsyncIterator[tuple[int, Callable[[], None]]]:
+    """A loopback TCP proxy to `target_port`: yields its port and ``cut()``.
+
+    ``cut()`` makes every connection open at that moment go silent both ways: bytes are read
+    and dropped, nothing is closed, so neither end learns anything (a host powered off, a NAT
+    that forgot the connection). Connections made afterwards are forwarded as usual.
+    """
+    live: list[list[bool]] = []  # one flag per connection: [cut]
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream, state: list[bool]) -> None:
+        while data := await src.receive_some():
+            if not state[0]:
+                await dst.send_all(data)
+
+    async def handle(client: trio.SocketStream) -> None:
+        state = [False]
+        live.append(state)
+        try:
+            async with client, await trio.open_tcp_stream("127.0.0.1", target_port) as server:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, client, server, state)
+                    await pump(server, client, state)
+                    nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # either end went away: so does this connection
+
+    def cut() -> None:
+        for state in live:
+            state[0] = True
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1], cut
+        nursery.cancel_scope.cancel()
+
+
 class GatedLog:
     """A `MemoryStreamLog` whose appends wait for a gate, or fail on demand; reads are
     counted, and fail on demand too."""

@@ -261,8 +261,10 @@ FAKE_SOCKET = """() => {
 window.sockets = [];
 window.WebSocket = class FakeSocket {
   static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
-  constructor(url) { this.url = url; this.readyState = 0; window.sockets.push(this); }
-  send() {}
+  constructor(url) {
+    this.url = url; this.readyState = 0; this.sent = []; window.sockets.push(this);
+  }
+  send(data) { this.sent.push(JSON.parse(data)); }
   close() { this.readyState = 3; }
 };
 }"""
@@ -341,6 +343,71 @@ def test_a_close_1008_is_final_and_says_why(
     assert result["code"] == final, result
     assert result["sockets"] == 1, result  # 1008 is not retried
     assert result["errors"][-1] == final, result
+
+
+@pytest.mark.parametrize("answers", [False, True], ids=["silent", "answers-pings"])
+def test_a_silent_connection_is_pinged_then_dropped_and_resumed(
+    page: Page, site: str, answers: bool
+) -> None:
+    page.goto(f"{site}/")
+    page.evaluate(FAKE_SOCKET)
+    result = page.evaluate(
+        """async ([hello, answers]) => {
+          const { connect } = await import("/trio-events.js");
+          const closes = [];
+          const conn = connect("ws://127.0.0.1:1/v1/streams/s", {
+            reconnect: { baseMs: 5, capMs: 5 },
+            pingIntervalMs: 30, pingTimeoutMs: 30,
+            onClose: (info) => closes.push(info),
+          });
+          const ws = window.sockets[0];
+          ws.readyState = 1;
+          ws.onmessage({ data: JSON.stringify(hello) });
+          const deadline = Date.now() + 300;
+          while (Date.now() < deadline) {
+            await new Promise((resolve) => setTimeout(resolve, 5));
+            const ping = ws.sent.find((m) => m.op === "ping" && !m.answered);
+            if (answers && ping) {
+              ping.answered = true;
+              ws.onmessage({ data: JSON.stringify({ op: "pong", req: ping.req }) });
+            }
+          }
+          return { pings: ws.sent.filter((m) => m.op === "ping").length,
+                   sockets: window.sockets.length, closes, second: window.sockets[1]?.url };
+        }""",
+        [HELLO, answers],
+    )
+    assert result["pings"] >= 1, result
+    if answers:
+        assert result["sockets"] == 1, result  # alive: kept
+        assert result["closes"] == [], result
+    else:
+        assert result["sockets"] >= 2, result  # dropped and reconnected
+        assert result["closes"][0]["code"] == 1006, result
+        assert "no answer to a ping within 30 ms" in result["closes"][0]["reason"], result
+        assert result["closes"][0]["willReconnect"] is True, result
+        assert "after=-1" in result["second"], result
+
+
+def test_bad_ping_options_are_type_errors_that_say_what_to_pass(page: Page, site: str) -> None:
+    page.goto(f"{site}/")
+    messages = page.evaluate(
+        """async () => {
+          const { connect } = await import("/trio-events.js");
+          const out = [];
+          for (const options of [{ pingIntervalMs: 0 }, { pingTimeoutMs: "5" },
+                                 { pingTimeoutMs: -1 }]) {
+            try { connect("ws://127.0.0.1:1/v1/streams/s", options); out.push("no error"); }
+            catch (err) { out.push(`${err.name}: ${err.message}`); }
+          }
+          return out;
+        }"""
+    )
+    assert messages == [
+        "TypeError: pingIntervalMs is a number of ms > 0 or null, not 0",
+        "TypeError: pingTimeoutMs is a number of ms > 0, not 5",
+        "TypeError: pingTimeoutMs is a number of ms > 0, not -1",
+    ]
 
 
 def test_resuming_after_a_long_pause_shows_the_last_events_and_the_skipped_count(

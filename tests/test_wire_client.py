@@ -21,7 +21,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trio_events as te
-from helpers import count_tasks, free_port, server_runner
+from helpers import blackhole_proxy, count_tasks, free_port, server_runner
 from trio_events.wire.client import (
     Backoff,
     BadRequest,
@@ -667,3 +667,62 @@ async def test_a_close_for_too_many_refusals_raises_rate_limited_not_unauthorize
                 with pytest.raises(RateLimited, match="too many pings and refused messages"):
                     async for _ in conn:
                         pass
+
+
+# --- a connection that goes silent ------------------------------------------------------------
+
+QUICK_PINGS = {"ping_interval": 0.1, "ping_timeout": 0.2}
+
+
+async def test_a_silently_dead_connection_is_found_by_ping_and_resumed_without_loss() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            te.open_event_hub() as hub,
+            running(hub) as server,
+            blackhole_proxy(server.port) as (port, cut),
+            hub.stream("s") as stream,
+        ):
+            await publish(stream, 3)
+            url = f"ws://127.0.0.1:{port}/v1/streams/s"
+            async with connect(url, backoff=FAST, **QUICK_PINGS) as conn:
+                assert await take(conn, 3) == [0, 1, 2]
+                cut()  # no FIN, no RST: the old connection just goes quiet
+                await publish(stream, 3)
+                assert await take(conn, 3) == [3, 4, 5]
+                assert conn.connections == 2
+                assert conn.duplicates_ignored == 0
+
+
+async def test_a_quiet_live_server_answers_pings_and_is_kept() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub) as server:
+            async with connect(server.url(), **QUICK_PINGS) as conn:
+                await trio.sleep(1.0)  # ten ping intervals with nothing to send
+                assert conn.connections == 1
+
+
+async def test_a_full_buffer_is_not_taken_for_a_dead_server() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub) as server:
+            async with hub.stream("s") as stream:
+                async with connect(server.url(), max_buffer=2, **QUICK_PINGS) as conn:
+                    # Live, one event per frame: frames queue up behind the full buffer, and
+                    # the pongs behind them.
+                    await publish(stream, 20)
+                    await trio.sleep(1.0)  # not iterating: the reader waits for room
+                    assert await take(conn, 20) == list(range(20))
+                    assert conn.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"ping_interval": 0}, "ping_interval must be a positive number"),
+        ({"ping_timeout": -1}, "ping_timeout must be a positive number"),
+        ({"ping_interval": "5"}, "ping_interval must be a positive number"),
+    ],
+)
+async def test_bad_ping_settings_are_value_errors(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        async with connect("ws://127.0.0.1:1/v1/streams/s", **kwargs):  # type: ignore[arg-type]
+            pass  # pragma: no cover

@@ -116,6 +116,11 @@ export class TrioEventsError extends Error {
  *   types, source, exclude_hidden, q
  * @property {ReconnectOptions} [reconnect]
  * @property {number} [publishTimeoutMs=30000] how long a publish may take, waiting included
+ * @property {number|null} [pingIntervalMs=20000] after this long without a frame from the
+ *   server, send a `ping` (null: never); a server or network gone without closing the TCP
+ *   connection sends nothing, and the browser would wait for it forever
+ * @property {number} [pingTimeoutMs=20000] no frame within this long after the ping: the
+ *   connection is taken for dead, dropped and resumed (`onClose` reports 1006)
  * @property {(hello: object) => void} [onOpen] each connection's `hello`
  * @property {(info: {code: number, reason: string, willReconnect: boolean}) => void} [onClose]
  * @property {(message: object) => void} [onMessage] every server message, parsed
@@ -176,6 +181,18 @@ export class Connection {
     }
     // setTimeout fires at once for more than 2^31 - 1 ms (Infinity included): clamp (~24.8 days).
     /** @private */ this._publishTimeoutMs = Math.min(publishTimeoutMs, MAX_TIMEOUT_MS);
+    const pingIntervalMs = options.pingIntervalMs === undefined ? 20000 : options.pingIntervalMs;
+    const pingTimeoutMs = options.pingTimeoutMs ?? 20000;
+    for (const [name, ms] of [["pingIntervalMs", pingIntervalMs], ["pingTimeoutMs", pingTimeoutMs]]) {
+      if (ms !== null && !(typeof ms === "number" && ms > 0)) {
+        throw new TypeError(`${name} is a number of ms > 0${name === "pingIntervalMs" ? " or null" : ""}, not ${String(ms)}`);
+      }
+    }
+    /** @private */ this._pingIntervalMs = pingIntervalMs === null ? null : Math.min(pingIntervalMs, MAX_TIMEOUT_MS);
+    /** @private */ this._pingTimeoutMs = Math.min(pingTimeoutMs, MAX_TIMEOUT_MS);
+    /** @private When the open connection last received a frame (ms, Date.now). */
+    this._lastHeard = 0;
+    /** @private */ this._pingTimer = null;
     /** @private */ this._closedByUser = false;
     /** @private Failed connections in a row without a hello (for `handshake_refused`). */
     this._refusedInARow = 0;
@@ -315,6 +332,7 @@ export class Connection {
 
   /** @private */
   _onFrame(data) {
+    this._lastHeard = Date.now();
     let msg;
     try {
       msg = JSON.parse(data);
@@ -386,6 +404,7 @@ export class Connection {
     this.headId = Math.max(this.headId, msg.latest_id);
     this._setState("open");
     if (this._ended() || !this._ws) return;
+    this._keepAlive(this._ws, this._pingIntervalMs);
     for (const { data } of this._queue.splice(0)) this._ws.send(data);
     this._opts.onOpen?.(msg);
   }
@@ -453,6 +472,39 @@ export class Connection {
     this._finish(err, CloseCode.NORMAL, "epoch changed");
   }
 
+  /**
+   * @private Ping `ws` once it has been silent for the ping interval (`delayMs` from now at
+   * the earliest); without a frame within the ping timeout, drop it and resume.
+   */
+  _keepAlive(ws, delayMs) {
+    clearTimeout(this._pingTimer);
+    this._pingTimer = null;
+    if (this._pingIntervalMs === null) return;
+    this._pingTimer = setTimeout(() => {
+      this._pingTimer = null;
+      if (ws !== this._ws || this.state !== "open") return;
+      const quietMs = Date.now() - this._lastHeard;
+      if (quietMs < this._pingIntervalMs) {
+        this._keepAlive(ws, this._pingIntervalMs - quietMs);
+        return;
+      }
+      const sentAt = this._lastHeard;
+      ws.send(JSON.stringify({ op: "ping", req: `k${++this._nextReq}` }));
+      this._pingTimer = setTimeout(() => {
+        this._pingTimer = null;
+        if (ws !== this._ws) return;
+        if (this._lastHeard !== sentAt) {
+          this._keepAlive(ws, this._pingIntervalMs); // it answered (or sent something else)
+          return;
+        }
+        // A dead peer never completes a close handshake: detach the socket and resume now.
+        this._ws = null;
+        ws.close(CloseCode.NORMAL);
+        this._onClose(CloseCode.ABNORMAL, `no answer to a ping within ${this._pingTimeoutMs} ms`, true);
+      }, this._pingTimeoutMs);
+    }, delayMs);
+  }
+
   /** @private The server broke the protocol: drop this connection and resume. */
   _drop(why) {
     this._opts.onError?.(new TrioEventsError("protocol", why));
@@ -466,6 +518,8 @@ export class Connection {
   /** @private */
   _onClose(code, reason, detached = false) {
     if (!detached) this._ws = null;
+    clearTimeout(this._pingTimer);
+    this._pingTimer = null;
     if (this._ended()) return;
     this._failSent();
     const helloSeen = this._helloSeen;
@@ -529,6 +583,8 @@ export class Connection {
     if (this.state === "closed") return;
     clearTimeout(this._timer);
     this._timer = null;
+    clearTimeout(this._pingTimer);
+    this._pingTimer = null;
     const ws = this._ws;
     this._ws = null;
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(code, reason);

@@ -320,7 +320,12 @@ class Connection:
         publish_timeout: float,
         max_buffer: int,
         max_message_size: int,
+        ping_interval: float | None,
+        ping_timeout: float,
     ) -> None:
+        for name, seconds in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
+            if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r}")
         self._bases, self.stream_id, self._query, self._filtered = _check_urls(url)
         self._server = 0  # the index in `_bases` of the server to (re)connect to
         if after != "latest" and (type(after) is not int or not -1 <= after < 2**63):
@@ -334,6 +339,8 @@ class Connection:
         self.connect_timeout = connect_timeout
         self.publish_timeout = publish_timeout
         self.max_message_size = max_message_size
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         #: The epoch of the stream's history, from the first ``hello``.
         self.epoch: str | None = None
         #: The last id received (and buffered for delivery); resumes use it.
@@ -358,6 +365,9 @@ class Connection:
         self._send_lock = trio.Lock()
         self._leaving: trio.Event | None = None  # set by `_leave` once the close is done
         self._reader_scope = trio.CancelScope(shield=True)
+        self._last_heard = 0.0  # when the current connection last received anything
+        self._awaiting_server = False  # True while the reader waits for the server's next frame
+        self._dead: WebSocketConnection | None = None  # a connection given up for silence
         # The last `error` on this connection: the reason for a close (1008) that follows.
         self._last_error: Error | None = None
 
@@ -482,7 +492,43 @@ class Connection:
         # Shielded: the reader must outlive a cancellation of `connect`'s block long enough
         # for `_leave` to close cleanly; `connect` cancels this scope itself once it has.
         with self._reader_scope:
-            await self._follow()
+            async with trio.open_nursery() as nursery:
+                if self.ping_interval is not None:
+                    nursery.start_soon(self._keep_alive, self.ping_interval)
+                await self._follow()
+                nursery.cancel_scope.cancel()
+
+    async def _keep_alive(self, interval: float) -> None:
+        """Ping a server silent for `interval`; without a pong in ``ping_timeout``, take the
+        connection for dead (a peer gone without closing TCP sends nothing, ever) and drop it,
+        so the reader resumes on a new one."""
+        while not self._finished:
+            ws = self._ws
+            if ws is None:
+                await self._connected.wait()  # set on the next hello, or at the end
+                continue
+            await trio.sleep_until(self._last_heard + interval)
+            if ws is not self._ws or trio.current_time() < self._last_heard + interval:
+                continue  # another connection, or heard from it in the meantime
+            if not self._awaiting_server:
+                # The reader waits for room in the buffer: the silence is ours, not the server's.
+                await trio.sleep(interval)
+                continue
+            heard = self._last_heard
+            with trio.move_on_after(self.ping_timeout) as waiting:
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    continue  # the reader sees the close itself
+            if not waiting.cancelled_caught:
+                self._last_heard = trio.current_time()
+            elif ws is self._ws and self._last_heard == heard and self._awaiting_server:
+                self._dead = ws
+                # A close handshake with a dead peer would wait in vain: trio-websocket closes
+                # the TCP stream at once when `aclose` is cancelled.
+                with trio.CancelScope() as abort:
+                    abort.cancel()
+                    await ws.aclose()
 
     async def _follow(self) -> None:
         failures = 0
@@ -540,6 +586,7 @@ class Connection:
             ) as ws:
                 self._opening(await self._receive(ws))
                 hello_seen = True
+                self._last_heard = trio.current_time()
                 self.connections += 1
                 self._generation += 1
                 self._ws = ws
@@ -559,6 +606,12 @@ class Connection:
                     self._connected = trio.Event()
                     self._fail_pending(None)
         except ConnectionClosed as exc:
+            if self._dead is not None:
+                self._dead = None
+                raise _Drop("after hello") from TimeoutError(
+                    f"no answer to a ping within {self.ping_timeout:g} s: the connection is "
+                    f"taken for dead"
+                )
             code = None if exc.reason is None else exc.reason.code
             if code == CloseCode.NORMAL and hello_seen:
                 return
@@ -595,9 +648,13 @@ class Connection:
         code = _STATUS_CODE.get(exc.status_code, ErrorCode.INTERNAL)
         return _ERRORS[code](f"the server refused the connection with HTTP {exc.status_code}")
 
-    @staticmethod
-    async def _receive(ws: WebSocketConnection) -> Any:
-        data = await ws.get_message()
+    async def _receive(self, ws: WebSocketConnection) -> Any:
+        self._awaiting_server = True
+        try:
+            data = await ws.get_message()
+        finally:
+            self._awaiting_server = False
+        self._last_heard = trio.current_time()
         try:
             return parse_server_message(data)
         except ProtocolError as exc:
@@ -680,6 +737,8 @@ async def connect(
     publish_timeout: float = 30.0,
     max_buffer: int = 10_000,
     max_message_size: int = 16 << 20,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float = 20.0,
 ) -> AsyncIterator[Connection]:
     """Follow a stream: ``async with connect(url) as conn: async for event in conn: ...``.
 
@@ -698,6 +757,12 @@ async def connect(
         max_buffer: Events received but not yet iterated; when full, reading stops (the server
             may then close with 4008, and the client resumes).
         max_message_size: The largest frame accepted from the server.
+        ping_interval: Seconds without any frame from the server after which the client sends
+            a WebSocket ping (None: never). A server or network gone without closing the TCP
+            connection (a host powered off, a NAT that forgot the connection) sends nothing,
+            and without this the client would wait for events forever.
+        ping_timeout: Seconds to wait for the pong; without one the connection is dropped and
+            resumed on a new one (``after=cursor``), like any other drop.
 
     Entering waits for the first ``hello`` (retrying per `backoff`); it raises the final error
     (`ReconnectFailed`, a `ServerError` such as `NotFound`...). Events come in id order, each
@@ -715,6 +780,8 @@ async def connect(
         publish_timeout=publish_timeout,
         max_buffer=max_buffer,
         max_message_size=max_message_size,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
     )
     error: BaseException | None = None
     try:
