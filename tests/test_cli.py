@@ -644,11 +644,18 @@ def test_serve_limit_flags_become_the_server_config() -> None:
     from trio_events.wire.server import ServerConfig
 
     args = _parser().parse_args(
-        ["serve", "--max-connections", "7", "--publish-rate", "2.5", "--client-idle-timeout", "9"]
-    )
+        ["serve", "--max-connections", "7", "--publish-rate", "2.5", "--client-idle-timeout", "9",
+         "--message-burst", "3", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"]
+    )  # fmt: skip
     assert _server_config(args) == ServerConfig(
-        max_connections=7, publish_rate=2.5, idle_timeout=9.0
+        max_connections=7,
+        publish_rate=2.5,
+        idle_timeout=9.0,
+        message_burst=3,
+        trusted_proxies=("10.0.0.0/8", "::1"),
     )
+    with pytest.raises(ValueError, match=r"trusted proxy 'proxy\.local' is not an IP address"):
+        _server_config(_parser().parse_args(["serve", "--trusted-proxy", "proxy.local"]))
     assert _server_config(_parser().parse_args(["serve"])) == ServerConfig()
 
 

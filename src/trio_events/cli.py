@@ -250,6 +250,11 @@ _LIMIT_FLAGS: dict[str, tuple[str | None, str]] = {
     "publish_burst": (None, "publishes a connection may send at once"),
     "message_rate": (None, "sustained pings and refused messages per second per connection"),
     "message_burst": (None, "pings and refused messages a connection may send at once"),
+    "trusted_proxies": (
+        "--trusted-proxy",  # repeated: one address or network each
+        "a reverse proxy (IP address or network) whose X-Forwarded-For names the client; "
+        "repeat for several",
+    ),
     "subscriber_buffer": (None, "events queued per connection before it catches up from the store"),
     "max_frame_events": (None, "events per frame, at most"),
     "max_frame_bytes": (None, "bytes per frame, at most"),
@@ -260,6 +265,15 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection limits (defaults: docs/protocol.md, Limits)")
     for field in attrs.fields(ServerConfig):
         flag, help_text = _LIMIT_FLAGS[field.name]
+        if field.name == "trusted_proxies":
+            group.add_argument(
+                "--trusted-proxy",
+                dest=f"limit_{field.name}",
+                action="append",
+                metavar="ADDR",
+                help=help_text,
+            )
+            continue
         group.add_argument(
             flag or "--" + field.name.replace("_", "-"),
             dest=f"limit_{field.name}",

@@ -55,7 +55,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import attrs
@@ -85,6 +85,7 @@ from ..store.log import LogStore, SyncLatencySnapshot
 from ..stream import EventStream
 from ..subscribers import Overflow
 from .auth import ALLOW_ALL, Authenticator, Grant, Permission
+from .forwarded import client_address, is_trusted_proxy, parse_trusted_proxies
 from .http import (
     Health,
     HttpResponse,
@@ -118,6 +119,18 @@ from .protocol import (
 __all__ = ["ServerConfig", "serve_streams"]
 
 logger = logging.getLogger(__name__)
+
+
+def _proxy_list(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str | bytes):
+        raise ValueError(
+            f"trusted_proxies is a list of IP addresses or networks, not the string {value!r}"
+        )
+    return tuple(value)
+
+
+def _valid_proxies(_: object, __: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    parse_trusted_proxies(value)
 
 
 def _positive_seconds(_: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -167,6 +180,12 @@ class ServerConfig:
             and closes with 1008: answering each one costs the server work, and a client
             sending them in a loop would otherwise keep it busy.
         message_burst: Such messages a connection may send at once before the rate applies.
+        trusted_proxies: IP addresses or networks (``"10.0.0.0/8"``) of reverse proxies in
+            front of the server. A connection from one of them is taken to be from the client
+            its ``X-Forwarded-For`` names (the rightmost address there that is not a trusted
+            proxy): that address is the one limited by ``max_connections_per_address`` and
+            logged. From any other peer the header is ignored, so clients cannot choose their
+            address; a trusted proxy's own sockets are not capped per address.
         subscriber_buffer: Events queued per connection before it falls back to catching up
             from the store (``Overflow.CATCH_UP``).
         max_frame_events: Events in one ``events`` frame, at most.
@@ -185,6 +204,9 @@ class ServerConfig:
     publish_burst: int = attrs.field(default=1000, validator=_at_least_one)
     message_rate: float = attrs.field(default=20.0, validator=_positive_rate)
     message_burst: int = attrs.field(default=100, validator=_at_least_one)
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(), converter=_proxy_list, validator=_valid_proxies
+    )
     subscriber_buffer: int = attrs.field(default=1024, validator=_at_least_one)
     max_frame_events: int = attrs.field(default=DEFAULT_MAX_FRAME_EVENTS, validator=_at_least_one)
     max_frame_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_at_least_one)
@@ -317,6 +339,7 @@ class _Site:
         self.auth = auth
         self.connections = connections
         self.router = router
+        self.trusted_proxies = parse_trusted_proxies(config.trusted_proxies)
         self.counters = ServerCounters()
         self.started = trio.current_time()
         self.version = package_version()
@@ -356,7 +379,9 @@ class _Site:
     async def serve_tcp(self, stream: trio.SocketStream) -> None:
         """Route one TCP connection: an HTTP response, or a WebSocket connection."""
         address, client = _socket_endpoint(stream)
-        if not self.connections.take_socket(address):
+        # A proxy carries many clients' sockets: those are capped per client, after the head.
+        per_address = not is_trusted_proxy(address, self.trusted_proxies)
+        if not self.connections.take_socket(address, per_address=per_address):
             # Sockets that never finish a request must not exhaust the process's files.
             logger.debug("tcp client=%s refused: too many sockets open", client)
             await trio.aclose_forcefully(stream)
@@ -364,7 +389,7 @@ class _Site:
         try:
             await self._serve_socket(stream, address, client)
         finally:
-            self.connections.release_socket(address)
+            self.connections.release_socket(address, per_address=per_address)
 
     async def _serve_socket(self, stream: trio.SocketStream, address: str, client: str) -> None:
         try:
@@ -378,6 +403,11 @@ class _Site:
                 else:
                     logger.debug("http client=%s hung up before a complete request", client)
                 return
+            if head.request is not None and self.trusted_proxies:
+                forwarded_for = [v for n, v in head.request.headers if n == b"x-forwarded-for"]
+                real = client_address(address, forwarded_for, self.trusted_proxies)
+                if real != address:
+                    address, client = real, f"{real} via {client}"
             if head.request is not None and _is_upgrade(head.request):
                 await self._upgrade(stream, head.buffered, deadline, address, client)
             else:
@@ -551,7 +581,7 @@ class _Connections:
         self.closing = trio.Event()
         self.all_closed = trio.Event()  # set once closing and no connection is left
 
-    def take_socket(self, address: str) -> bool:
+    def take_socket(self, address: str, *, per_address: bool = True) -> bool:
         """Count an accepted socket; False when over the socket caps (close it at once).
 
         The caps leave room above the WebSocket limits, so that a WebSocket client over them
@@ -560,14 +590,19 @@ class _Connections:
         config = self.config
         if self.sockets >= config.max_connections + max(16, config.max_connections // 10):
             return False
+        if not per_address:
+            self.sockets += 1
+            return True
         if self.sockets_per_address[address] >= config.max_connections_per_address + 8:
             return False
         self.sockets += 1
         self.sockets_per_address[address] += 1
         return True
 
-    def release_socket(self, address: str) -> None:
+    def release_socket(self, address: str, *, per_address: bool = True) -> None:
         self.sockets -= 1
+        if not per_address:
+            return
         self.sockets_per_address[address] -= 1
         if not self.sockets_per_address[address]:
             del self.sockets_per_address[address]
