@@ -146,6 +146,24 @@ async def test_a_publish_can_name_an_event_another_process_published_as_its_caus
             assert [e.id async for e in a.search_events()] == [0, 1]
 
 
+async def test_on_a_shared_log_an_id_is_counted_at_its_widest_so_no_event_is_over_the_limit() -> (
+    None
+):
+    limit = 400
+    async with redis_test_store() as store:
+        async with te.open_event_stream("s", store=store, max_event_bytes=limit) as stream:
+            first = await stream.publish({"pad": ""}, source="user", type="t")
+            assert first._json is not None
+            # Another process may have taken ids up to 19 digits by the time this one is stored.
+            room = limit - len(first._json) - (19 - 1)
+            fits = await stream.publish({"pad": "x" * room}, source="user", type="t")
+            assert fits._json is not None
+            assert len(fits._json) + (19 - len(str(fits.id))) == limit
+            with pytest.raises(te.EventTooLarge) as info:  # would fit with this id's one digit
+                await stream.publish({"pad": "x" * (room + 1)}, source="user", type="t")
+            assert (info.value.size, info.value.limit) == (limit + 1, limit)
+
+
 async def test_a_retried_batch_is_stored_once() -> None:
     async with redis_test_store() as store:
         log = await store.open_stream("s", te.default_registry)

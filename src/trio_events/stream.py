@@ -94,6 +94,7 @@ _WARN_EVENT_BYTES = 1024 * 1024
 # An event's JSON is its `event_json_tail` (built by the publisher) after a head of fixed size
 # plus the digits of its id: timestamps always have the same length.
 _HEAD_BYTES = len(event_json(0, timestamp_json(datetime.now(UTC)), b"")) - 1
+_MAX_ID_DIGITS = len(str(2**63 - 1))
 # Source names and members alike (a StrEnum member hashes and compares as its value): one
 # lookup instead of an `EventSource(...)` call per publish.
 _SOURCES: dict[object, EventSource] = {source.value: source for source in EventSource}
@@ -229,11 +230,15 @@ class EventStream:
         self._actors: dict[tuple[str, str], _CallbackActor] = {}
         self._fanout: tuple[_Subscriber, ...] = ()
         self._type_json: dict[str, bytes] = {}
-        # The JSON head's size for the next id (kept by the writer as ids grow).
-        self._head_bytes = _HEAD_BYTES + len(str(log.last_id + 1))
         self._iterator_ids = itertools.count()
         # A shared log numbers events itself and feeds the router through the tail reader.
         self._shared: SharedStreamLog | None = log if isinstance(log, SharedStreamLog) else None
+        # The JSON head's size for the next id (kept by the writer as ids grow). On a shared log
+        # other processes move the ids on unseen, so an id is counted at its widest: a 63-bit id
+        # has at most 19 digits, and no event can end up over `max_event_bytes`.
+        self._head_bytes = _HEAD_BYTES + (
+            _MAX_ID_DIGITS if self._shared is not None else len(str(log.last_id + 1))
+        )
         self._own_events: dict[int, Event] = {}
         self._recent: deque[Event] = deque()
         self._recent_bytes = 0
@@ -550,7 +555,6 @@ class EventStream:
         self._appended_id = last_id
         if last_id > self._last_id:
             self._last_id = last_id
-            self._head_bytes = _HEAD_BYTES + len(str(last_id + 1))
         if last_id > self._followed_id and len(self._own_events) + len(events) <= _MAX_OWN_EVENTS:
             for event in events:
                 self._own_events[event.id] = event
@@ -613,7 +617,6 @@ class EventStream:
                 self._followed_id = raw.last_id
                 if raw.last_id > self._last_id:
                     self._last_id = raw.last_id
-                    self._head_bytes = _HEAD_BYTES + len(str(raw.last_id + 1))
                 if events:
                     await batches_send.send(events)
 
