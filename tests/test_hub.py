@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import traceback
 from pathlib import Path
 
 import pytest
@@ -116,14 +117,18 @@ async def test_failed_open_reaches_every_waiter_and_the_next_call_retries() -> N
                 pytest.fail("the open failed; no stream may be handed out")
         except OSError as exc:
             errors.append(exc)
+            frames.append(len(traceback.extract_tb(exc.__traceback__)))
 
+    frames: list[int] = []
     async with open_event_hub(store=store) as hub:
         async with trio.open_nursery() as nursery:
-            for _ in range(3):
+            for _ in range(5):
                 nursery.start_soon(holder)
             await trio.testing.wait_all_tasks_blocked()
             store.gate.set()
-        assert errors == [boom, boom, boom]
+        assert errors == [boom] * 5
+        # Each waiter's traceback is the open's plus its own frames, not every waiter's before.
+        assert len(set(frames)) == 1, frames
         assert store.opens == ["s"]
         stats = hub.statistics()
         assert stats.streams == {}

@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Literal
 
 import attrs
@@ -102,6 +103,7 @@ class _Entry:
 
     __slots__ = (
         "error",
+        "error_traceback",
         "finished",
         "holders",
         "idle_since",
@@ -117,6 +119,9 @@ class _Entry:
         self.state: HubStreamState | Literal["failed", "closed"] = "opening"
         self.stream: EventStream | None = None
         self.error: Exception | None = None
+        # The failed open's own traceback: each waiter raises `error` from it afresh, so that
+        # the shared exception's traceback does not grow by every waiter's frames.
+        self.error_traceback: TracebackType | None = None
         self.holders = 0
         self.idle_since: float | None = None
         # The stream task sleeps in this scope while the stream is open. Its deadline is the
@@ -237,7 +242,7 @@ class EventHub:
                 return entry
             self._release(entry)
             if entry.error is not None:
-                raise entry.error
+                raise entry.error.with_traceback(entry.error_traceback)
             # It opened and closed at once (the hub is closing), or the open was cancelled.
 
     def _add_holder(self, entry: _Entry) -> None:
@@ -260,6 +265,7 @@ class EventHub:
         except Exception as exc:
             self._failed_opens += 1
             entry.error = exc
+            entry.error_traceback = exc.__traceback__
             logger.debug("hub: opening stream %r failed: %r", entry.stream_id, exc)
         finally:
             if entry.state == "opening":  # failed or cancelled before it was open
