@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -55,7 +56,8 @@ class ChildRedis:
     is on disk), so a restart loses nothing it acknowledged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, replica_of: int | None = None) -> None:
+        self.replica_of = replica_of  # the port of the primary this one replicates
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="trio-events-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,6 +86,7 @@ class ChildRedis:
                 "",
                 "--daemonize",
                 "no",
+                *self._replication_flags(),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -100,6 +103,20 @@ class ChildRedis:
             assert self.process.poll() is None, "redis-server exited at start"
             assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
             time.sleep(0.02)
+
+    def _replication_flags(self) -> tuple[str, ...]:
+        if self.replica_of is None:
+            return ()
+        return ("--replicaof", "127.0.0.1", str(self.replica_of))
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): it keeps its connections and answers nothing until `resume`."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop it at once (SIGKILL): what it acknowledged is in its AOF."""

@@ -631,6 +631,9 @@ def test_serve_refuses_an_unusable_store_in_one_line_without_its_password(
         (["--key-prefix", "p:"], "--key-prefix: only with --store or --store-env"),
         (["--memory", "--outage-timeout", "3"], "--outage-timeout: only with --store"),
         (["--store", "redis://h/0", "--outage-timeout", "-1"], "--outage-timeout must be a"),
+        (["--memory", "--replicas", "1"], "--replicas: only with --store"),
+        (["--store", "redis://h/0", "--replicas", "-1"], "--replicas must be a number"),
+        (["--store", "redis://h/0", "--replica-timeout", "0"], "--replica-timeout must be a"),
     ]
     for flags, message in refused:
         with pytest.raises(SystemExit) as info:

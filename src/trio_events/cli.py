@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -321,8 +322,15 @@ async def _serve_store(args: argparse.Namespace) -> AsyncIterator[tuple[EventSto
 
         prefix = DEFAULT_KEY_PREFIX if args.key_prefix is None else args.key_prefix
         outage = DEFAULT_OUTAGE_TIMEOUT if args.outage_timeout is None else args.outage_timeout
-        async with open_redis_store(url, key_prefix=prefix, outage_timeout=outage) as redis_store:
-            yield redis_store, f"Redis at {safe_url(url)}, key prefix {prefix!r}"
+        async with open_redis_store(
+            url,
+            key_prefix=prefix,
+            outage_timeout=outage,
+            replicas=args.replicas or 0,
+            replica_timeout=args.replica_timeout or 1.0,
+        ) as redis_store:
+            waits = f", waiting for {args.replicas} replica(s)" if args.replicas else ""
+            yield redis_store, f"Redis at {safe_url(url)}, key prefix {prefix!r}{waits}"
         return
     store: EventStore = MemoryStore() if args.memory else LogStore(args.data_dir)
     try:
@@ -642,6 +650,19 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a publish waits for an unreachable Redis before it fails (default 10; "
         "inf: as long as it takes)",
     )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="a publish returns once N Redis replicas have its event (WAIT; default 0)",
+    )
+    serve.add_argument(
+        "--replica-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait for the replicas; fewer in time: the publish's outcome is "
+        "unknown (default 1)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)"
@@ -790,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for flag, value in (
                     ("--key-prefix", args.key_prefix),
                     ("--outage-timeout", args.outage_timeout),
+                    ("--replicas", args.replicas),
+                    ("--replica-timeout", args.replica_timeout),
                 )
                 if value is not None
             ]
@@ -797,6 +820,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{' and '.join(redis_only)}: only with --store or --store-env")
             if args.outage_timeout is not None and not args.outage_timeout >= 0:
                 parser.error("--outage-timeout must be a number of seconds >= 0 (or inf)")
+            if args.replicas is not None and args.replicas < 0:
+                parser.error("--replicas must be a number of replicas >= 0")
+            if args.replica_timeout is not None and not 0 < args.replica_timeout < math.inf:
+                parser.error("--replica-timeout must be a number of seconds > 0")
             auth, auth_text = _authenticator(args)
             if auth is None and not _is_loopback(args.host) and not args.insecure:
                 parser.error(

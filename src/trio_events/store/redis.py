@@ -27,7 +27,7 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -341,6 +341,13 @@ class RedisStreamStore:
             backoff) before it fails: with `StoreOutcomeUnknown` for an append (it may have
             been stored), with `StoreError` otherwise. ``math.inf`` waits for as long as it
             takes, ``0`` fails at the first error. Tail readers always wait.
+        replicas: How many Redis replicas must have each batch before a publish returns
+            (``WAIT replicas replica_timeout`` after the append, on its connection). Redis
+            replicates asynchronously, so without this a failover to a replica can lose the
+            newest acknowledged events. ``0`` (the default) does not wait. When fewer replicas
+            confirm in time, the publish raises `StoreOutcomeUnknown`: its events are on the
+            primary (subscribers get them), but a failover could still lose them.
+        replica_timeout: Seconds to wait for the replicas' confirmation.
     """
 
     def __init__(
@@ -351,6 +358,8 @@ class RedisStreamStore:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         retain_events: int | None = None,
         outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         if not isinstance(key_prefix, str):
             raise TypeError(f"key_prefix is a string, not {type(key_prefix).__name__}")
@@ -358,11 +367,21 @@ class RedisStreamStore:
             check_int("retain_events", retain_events, 1)
         if not outage_timeout >= 0:  # also refuses NaN
             raise ValueError(f"outage_timeout is >= 0 seconds, not {outage_timeout!r}")
+        check_int("replicas", replicas, 0)
+        if not (isinstance(replica_timeout, int | float) and 0 < replica_timeout < math.inf):
+            raise ValueError(f"replica_timeout is > 0 seconds, not {replica_timeout!r}")
+        if replicas and isinstance(client, coredis.RedisCluster):
+            raise ValueError(
+                "replicas is not supported with a Redis Cluster client yet: WAIT must follow "
+                "the append on the same shard's connection"
+            )
         self._client = client
         self._tail_client = client if tail_client is None else tail_client
         self._key_prefix = key_prefix
         self._retain = retain_events
         self._outage_timeout = outage_timeout
+        self._replicas = replicas
+        self._replica_timeout_ms = max(1, round(replica_timeout * 1000))
         # Set by `open_redis_store`, which runs it: one XREAD for every open stream.
         self._tail_reader: _TailReader | None = None
         self._open_script = client.register_script(_OPEN)
@@ -390,14 +409,21 @@ class RedisStreamStore:
         await trio.lowlevel.checkpoint()
 
     async def _call(
-        self, what: str, request: Any, *, patience: float | None = None, writes: bool = False
+        self,
+        what: str,
+        request: Any,
+        *,
+        patience: float | None = None,
+        writes: bool = False,
+        slack: float = 0.0,
     ) -> Any:
         """Run ``await request()``, retrying while Redis is unreachable, up to the outage
         timeout (or `patience`); then raise `StoreError` saying what failed.
 
-        Each attempt ends by the deadline (and after `_ATTEMPT_SECONDS` at most), so a hung
-        Redis is an outage too. A request that `writes` and is not confirmed may have been
-        carried out: its error is then `StoreOutcomeUnknown`.
+        Each attempt ends by the deadline (and after `_ATTEMPT_SECONDS` at most, plus `slack`
+        for a request that waits in Redis on purpose), so a hung Redis is an outage too. A
+        request that `writes` and is not confirmed may have been carried out: its error is
+        then `StoreOutcomeUnknown`.
         """
         limit = self._outage_timeout if patience is None else patience
         start = trio.current_time()
@@ -407,7 +433,8 @@ class RedisStreamStore:
         while True:
             try:
                 remaining = deadline - trio.current_time()
-                with trio.fail_after(max(_MIN_ATTEMPT_SECONDS, min(_ATTEMPT_SECONDS, remaining))):
+                attempt = max(_MIN_ATTEMPT_SECONDS, min(_ATTEMPT_SECONDS, remaining)) + slack
+                with trio.fail_after(attempt):
                     return await request()
             except (*_UNAVAILABLE, trio.TooSlowError) as exc:
                 now = trio.current_time()
@@ -525,18 +552,50 @@ class RedisStreamLog:
         ]
         keys = [self._key, self._meta]
         what = f"append {len(bodies)} event(s) to stream {self.stream_id!r}"
+        store = self._store
         try:
             # Retries are the same batch, which `_APPEND` stores at most once. A cancelled
             # append may have been stored (the stream then reports an unknown outcome).
-            first, head = await self._store._call(
-                what, lambda: self._store._append_script(keys=keys, args=args), writes=True
-            )
+            if store._replicas:
+                (first, head), confirmed = await store._call(
+                    what,
+                    lambda: self._append_and_wait(keys, args),
+                    writes=True,
+                    slack=store._replica_timeout_ms / 1000,
+                )
+            else:
+                first, head = await store._call(
+                    what, lambda: store._append_script(keys=keys, args=args), writes=True
+                )
+                confirmed = 0
         except coredis.exceptions.ResponseError as exc:
             raise self._script_error(exc, first_id) from exc
         first_event = _event_id(first, self._key)
         if head:
             self._first_id = max(self._first_id, _event_id(head, self._key))
+        if confirmed < store._replicas:
+            last_event = first_event + len(bodies) - 1
+            raise StoreOutcomeUnknown(
+                f"stream {self.stream_id!r}: events {first_event}..{last_event} are stored on the "
+                f"Redis primary, but only {confirmed} of {store._replicas} replica(s) confirmed "
+                f"them within {store._replica_timeout_ms} ms: a failover now could lose them. "
+                f"Check the replicas (INFO replication)"
+            )
         return first_event
+
+    async def _append_and_wait(
+        self, keys: list[str], args: list[str | bytes | int]
+    ) -> tuple[list[bytes], int]:
+        """The append script, then ``WAIT``, on one connection (WAIT counts the replicas that
+        have that connection's writes): the script's reply and the replicas that confirmed."""
+        store = self._store
+        pipe = store._client.pipeline(transaction=False)
+        async with pipe:
+            appended: Awaitable[list[bytes]] = store._append_script(
+                keys=keys, args=args, client=pipe
+            )
+            waited = pipe.wait(store._replicas, store._replica_timeout_ms)
+        return await appended, await waited
 
     def _script_error(
         self, exc: coredis.exceptions.ResponseError, first_id: int | None
@@ -795,6 +854,8 @@ async def open_redis_store(
     key_prefix: str = DEFAULT_KEY_PREFIX,
     retain_events: int | None = None,
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT,
+    replicas: int = 0,
+    replica_timeout: float = 1.0,
 ) -> AsyncIterator[RedisStreamStore]:
     """Connect to Redis at `url` and give a `RedisStreamStore` for the block's duration.
 
@@ -826,6 +887,8 @@ async def open_redis_store(
         key_prefix=key_prefix,
         retain_events=retain_events,
         outage_timeout=outage_timeout,
+        replicas=replicas,
+        replica_timeout=replica_timeout,
     )
     single: BaseException | None = None
     entered = 0
