@@ -433,6 +433,62 @@ async def test_block_backpressure_reaches_concurrent_publishers() -> None:
         assert healthy.received == list(range(publishers))
 
 
+async def test_a_block_callback_publishing_to_its_own_stream_is_refused_not_deadlocked() -> None:
+    # The pattern that deadlocks once the queues fill: refused at the first publish, clearly.
+    refused: list[RuntimeError] = []
+    answered = trio.Event()
+    async with (
+        te.open_event_hub() as hub,
+        hub.stream("s") as stream,
+        hub.stream("other") as other,
+        trio.open_nursery() as nursery,
+    ):
+        published_by_helper: list[int] = []
+
+        async def helper(n: int) -> None:
+            published_by_helper.append((await stream.publish({"n": n}, source=AGENT, type="t")).id)
+
+        async def on_event(event: te.Event) -> None:
+            if event.type != "question":
+                return
+            try:
+                await stream.publish({"a": 1}, source=AGENT, type="answer")
+            except RuntimeError as exc:
+                refused.append(exc)
+            # Another stream, and a task of its own for this one, are fine.
+            await other.publish({"a": 1}, source=AGENT, type="answer")
+            nursery.start_soon(helper, event.id)
+            answered.set()
+
+        stream.subscribe("agent", on_event, "c", overflow=te.Overflow.BLOCK)
+        await stream.publish({}, source=AGENT, type="question")
+        with trio.fail_after(10):
+            await answered.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        assert published_by_helper == [1]
+        assert other.get_latest_event_id() == 0
+    assert len(refused) == 1
+    message = str(refused[0])
+    assert "the callback of BLOCK subscriber agent/c publishes to its own stream 's'" in message
+    assert "Overflow.CATCH_UP" in message
+
+
+async def test_a_catch_up_callback_may_publish_to_its_own_stream() -> None:
+    async with te.open_event_hub() as hub, hub.stream("s") as stream:
+        answered = trio.Event()
+
+        async def on_event(event: te.Event) -> None:
+            if event.type == "question":
+                await stream.publish({}, source=AGENT, type="answer")
+                answered.set()
+
+        stream.subscribe("agent", on_event, "c")
+        await stream.publish({}, source=AGENT, type="question")
+        with trio.fail_after(10):
+            await answered.wait()
+        assert stream.get_latest_event_id() == 1
+
+
 # --- DROP_OLDEST / DROP_NEWEST ----------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ from .store.base import (
 )
 from .store.memory import MemoryStore
 from .subscribers import (
+    _BLOCK_CALLBACK,
     Callback,
     Overflow,
     SubscriberState,
@@ -280,6 +281,8 @@ class EventStream:
         draft = self._encode(payload, source, type, cause, hidden)
         # `_submit`, inlined: one coroutine less on the hot path.
         self._check_open()
+        if _BLOCK_CALLBACK.get() is not None:
+            self._refuse_from_block_callback()
         await trio.lowlevel.checkpoint_if_cancelled()
         request = self._enqueue([draft])
         events: list[Event] = await trio.lowlevel.wait_task_rescheduled(request.abort)
@@ -310,6 +313,8 @@ class EventStream:
     @trio.lowlevel.enable_ki_protection
     async def _submit(self, drafts: list[_Draft]) -> list[Event]:
         self._check_open()
+        if _BLOCK_CALLBACK.get() is not None:
+            self._refuse_from_block_callback()
         # A publish in an already cancelled scope publishes nothing (Trio's rule: Cancelled
         # means it did not happen); once queued, the event is published even if the wait is
         # cancelled.
@@ -318,6 +323,21 @@ class EventStream:
         # Parked here, not in a method of the request: one coroutine less per publish.
         events: list[Event] = await trio.lowlevel.wait_task_rescheduled(request.abort)
         return events
+
+    def _refuse_from_block_callback(self) -> None:
+        """Refuse a publish from the callback task of this stream's own `BLOCK` subscriber."""
+        marker = _BLOCK_CALLBACK.get()
+        if marker is None or marker[0] is not self:
+            return
+        _, task, name = marker
+        if task is not trio.lowlevel.current_task():
+            return  # a task the callback started: it may wait; the callback does not
+        raise RuntimeError(
+            f"the callback of BLOCK subscriber {name} publishes to its own stream "
+            f"{self.stream_id!r}, which can deadlock it: the callback would wait for the "
+            f"writer, the writer for the router, and the router for the callback. Subscribe "
+            f"with Overflow.CATCH_UP (or DROP_*), or publish from a task of your own"
+        )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -20,6 +20,7 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -547,6 +548,15 @@ def _as_async(callback: Callback, in_thread: bool) -> Callable[[Event], Awaitabl
     return run_sync
 
 
+#: Set in the task of a `BLOCK` subscriber's callback: the stream, that task, and the
+#: subscriber's name. Publishing to that stream from that task could deadlock (the callback
+#: would wait for the writer, which waits for the router, which waits for the callback), so
+#: `EventStream.publish` refuses it.
+_BLOCK_CALLBACK: ContextVar[tuple[object, trio.lowlevel.Task, str] | None] = ContextVar(
+    "trio_events_block_callback", default=None
+)
+
+
 class _CallbackActor:
     """The supervised task that drains one subscriber into its callback."""
 
@@ -572,6 +582,9 @@ class _CallbackActor:
         sub = self.sub
         call = self.call
         queue = sub.queue
+        if sub.overflow is Overflow.BLOCK:
+            name = f"{sub.subscriber_id}/{sub.callback_id}"
+            _BLOCK_CALLBACK.set((sub.stream, trio.lowlevel.current_task(), name))
         with self.cancel_scope:
             try:
                 while await sub.fill():
