@@ -197,7 +197,11 @@ def test_publishing_from_the_page_shows_the_assigned_id(
     page: Page, site: str, server: ServeProcess
 ) -> None:
     publish(server.url("p"), [chat("already here")])
-    # The page served from another origin, pointed at the server with ?server=.
+    # The page served from another origin, pointed at the server with ?server=: a server
+    # without auth lets only the origins it is told connect.
+    server.kill()
+    server.extra_args = ["--allowed-origin", site]
+    server.start()
     page.goto(viewer_url(server, site, stream="p"))
     # Another origin than the page's: nothing connects until Connect is pressed.
     expect(page.locator("#message")).to_contain_text(f"another server, 127.0.0.1:{server.port}")
@@ -220,6 +224,34 @@ def test_publishing_from_the_page_shows_the_assigned_id(
     expect(page.locator("#pub-result")).to_have_text(
         'the payload must be a JSON object, e.g. {"value": 3}'
     )
+
+
+def test_a_page_of_another_origin_cannot_use_a_server_without_auth(
+    page: Page, site: str, server: ServeProcess
+) -> None:
+    publish(server.url("secret"), [chat("not for other sites")])
+    page.goto(f"{site}/")  # any other site the user visits
+
+    def try_to_read() -> dict[str, object]:
+        result: dict[str, object] = page.evaluate(
+            """async (url) => new Promise((resolve) => {
+              const ws = new WebSocket(url);
+              const got = [];
+              ws.onmessage = (m) => got.push(JSON.parse(m.data).op);
+              ws.onclose = (ev) => resolve({ code: ev.code, got });
+              ws.onopen = () => setTimeout(() => ws.close(1000), 200);
+            })""",
+            server.url("secret"),
+        )
+        return result
+
+    refused = try_to_read()
+    assert refused == {"code": 1006, "got": []}, refused  # refused before the upgrade
+    server.kill()
+    server.extra_args = ["--allowed-origin", site]
+    server.start()
+    allowed = try_to_read()
+    assert allowed["got"][:2] == ["hello", "events"], allowed  # type: ignore[index]
 
 
 def test_a_wrong_token_shows_a_clear_message(page: Page, tmp_path: Path) -> None:

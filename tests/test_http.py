@@ -333,7 +333,9 @@ async def test_static_files_are_served_with_their_type_and_no_cache() -> None:
 async def test_path_traversal_finds_nothing(target: bytes) -> None:
     with trio.fail_after(TIMEOUT):
         async with te.open_event_hub() as hub, serving(hub) as (port, _):
-            status, received = await raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, received = await raw(
+                port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
             assert status in (400, 404)
             assert b"[project]" not in received
 
@@ -344,15 +346,15 @@ async def test_path_traversal_finds_nothing(target: bytes) -> None:
 @pytest.mark.parametrize(
     ("data", "status"),
     [
-        (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
-        (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
-        (b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404),
+        (b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"DELETE / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405),
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /healthz HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n", 431),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 413),
-        (b"GET /v1/streams/s HTTP/1.1\r\nHost: x\r\n\r\n", 426),
-        (b"GET http://x/healthz HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello", 413),
+        (b"GET /v1/streams/s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 426),
+        (b"GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 200),
         (b"GET /healthz?verbose=1 HTTP/1.0\r\n\r\n", 200),
     ],
 )
@@ -379,7 +381,7 @@ async def test_head_has_no_body_but_the_length_of_get() -> None:
                 assert head.status == get.status
                 assert head.body == b""
                 assert head.headers["content-length"] == str(len(get.body))
-            _, received = await raw(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            _, received = await raw(port, b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert received.endswith(b"\r\n\r\n")
 
 
@@ -390,7 +392,7 @@ async def test_websocket_still_works_on_the_same_port_beside_http_clients() -> N
             # A client that never finishes its head, held open all along.
             slow = await trio.open_tcp_stream("127.0.0.1", port)
             async with slow, open_websocket_url(url(port)) as ws:
-                await slow.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                await slow.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 assert (await recv(ws))["op"] == "hello"
                 assert (await request(port, "/healthz")).json()["connections"] == 1
                 await ws.send_message(publish_msg(1).decode())
@@ -406,7 +408,7 @@ async def test_a_slowloris_is_dropped_after_the_handshake_timeout() -> None:
             slow = await trio.open_tcp_stream("127.0.0.1", port)
             async with slow:
                 started = trio.current_time()
-                await slow.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                await slow.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 # Other clients are served meanwhile.
                 assert (await request(port, "/healthz")).status == 200
                 assert await slow.receive_some(1024) == b""  # dropped, no response
@@ -424,7 +426,7 @@ async def test_shutdown_with_an_http_request_in_flight_ends_promptly(
             async with serving(hub, config) as (port, scope):
                 slow = await trio.open_tcp_stream("127.0.0.1", port)
                 async with slow:
-                    await slow.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    await slow.send_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                     if with_websocket:
                         async with open_websocket_url(url(port)) as ws:
                             assert (await recv(ws))["op"] == "hello"

@@ -706,7 +706,7 @@ async def test_client_close_reasons_cannot_forge_log_lines_or_metric_labels(
                     await until_caught_up(ws)
                     await ws.aclose(code, "bye\nws open stream=admin subject=root")
             async with await trio.open_tcp_stream("127.0.0.1", port) as sock:
-                await sock.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                await sock.send_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 body = b""
                 while chunk := await sock.receive_some():
                     body += chunk

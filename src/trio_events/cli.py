@@ -256,9 +256,27 @@ _LIMIT_FLAGS: dict[str, tuple[str | None, str]] = {
         "a reverse proxy (IP address or network) whose X-Forwarded-For names the client; "
         "repeat for several",
     ),
+    "allowed_origins": (
+        "--allowed-origin",  # repeated: one origin each
+        "an origin (https://app.example.com, or *) whose web pages may connect; without auth, "
+        "only the server's own pages may (repeat for several)",
+    ),
+    "allowed_hosts": (
+        "--allowed-host",  # repeated: one host name each
+        "a host name (or *) to answer without auth, besides IP addresses and localhost "
+        "(repeat for several)",
+    ),
     "subscriber_buffer": (None, "events queued per connection before it catches up from the store"),
     "max_frame_events": (None, "events per frame, at most"),
     "max_frame_bytes": (None, "bytes per frame, at most"),
+}
+
+
+#: The list fields of `ServerConfig`: their flags are repeated, one value each (its metavar).
+_LIST_FLAGS: dict[str, str] = {
+    "trusted_proxies": "ADDR",
+    "allowed_origins": "ORIGIN",
+    "allowed_hosts": "HOST",
 }
 
 
@@ -266,12 +284,12 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection limits (defaults: docs/protocol.md, Limits)")
     for field in attrs.fields(ServerConfig):
         flag, help_text = _LIMIT_FLAGS[field.name]
-        if field.name == "trusted_proxies":
+        if flag is not None and field.name in _LIST_FLAGS:
             group.add_argument(
-                "--trusted-proxy",
+                flag,
                 dest=f"limit_{field.name}",
                 action="append",
-                metavar="ADDR",
+                metavar=_LIST_FLAGS[field.name],
                 help=help_text,
             )
             continue

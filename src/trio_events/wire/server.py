@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -95,6 +96,7 @@ from .http import (
     package_version,
 )
 from .metrics import MetricsSource, ServerCounters, metrics_registry
+from .origins import normalize_origin, refusal
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_FRAME_EVENTS,
@@ -127,6 +129,37 @@ def _proxy_list(value: Iterable[str]) -> tuple[str, ...]:
             f"trusted_proxies is a list of IP addresses or networks, not the string {value!r}"
         )
     return tuple(value)
+
+
+def _origin_list(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str | bytes):
+        raise ValueError(f"allowed_origins is a list of origins, not the string {value!r}")
+    return tuple(normalize_origin(_text("an allowed origin", origin)) for origin in value)
+
+
+def _host_list(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str | bytes):
+        raise ValueError(f"allowed_hosts is a list of host names, not the string {value!r}")
+    hosts = []
+    for host in value:
+        name = _text("an allowed host", host).strip().lower()
+        if name != "*" and not _HOST_NAME.fullmatch(name):
+            raise ValueError(
+                f"allowed host {host!r} is not a host name: write it as in a URL, without "
+                f"scheme or port (app.example.com), or * for any"
+            )
+        hosts.append(name)
+    return tuple(hosts)
+
+
+def _text(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is a str, not {value!r}")
+    return value
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_HOST_NAME: Final = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
 def _valid_proxies(_: object, __: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
@@ -186,6 +219,14 @@ class ServerConfig:
             proxy): that address is the one limited by ``max_connections_per_address`` and
             logged. From any other peer the header is ignored, so clients cannot choose their
             address; a trusted proxy's own sockets are not capped per address.
+        allowed_origins: Origins (``https://app.example.com``, ``http://localhost:3000``; ``*``
+            for any) of web pages that may open WebSocket connections. Without `auth`, a page
+            of another origin than the server's own is refused (403): any site a user visits
+            could otherwise use the server through the user's browser. With `auth`, an empty
+            list checks nothing (pages need a token), and a list admits only those origins.
+        allowed_hosts: Host names (``*`` for any) the server answers to without `auth`, besides
+            IP addresses and ``localhost``: a request for another name is refused (403), as a
+            site that points its own name at the server (DNS rebinding) would send it.
         subscriber_buffer: Events queued per connection before it falls back to catching up
             from the store (``Overflow.CATCH_UP``).
         max_frame_events: Events in one ``events`` frame, at most.
@@ -207,6 +248,8 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = attrs.field(
         default=(), converter=_proxy_list, validator=_valid_proxies
     )
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_origin_list)
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=_host_list)
     subscriber_buffer: int = attrs.field(default=1024, validator=_at_least_one)
     max_frame_events: int = attrs.field(default=DEFAULT_MAX_FRAME_EVENTS, validator=_at_least_one)
     max_frame_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_at_least_one)
@@ -408,7 +451,12 @@ class _Site:
                 real = client_address(address, forwarded_for, self.trusted_proxies)
                 if real != address:
                     address, client = real, f"{real} via {client}"
-            if head.request is not None and _is_upgrade(head.request):
+            upgrade = head.request is not None and _is_upgrade(head.request)
+            refused = None if head.request is None else self._refusal(head.request, upgrade)
+            if refused is not None:
+                with trio.move_on_after(self.config.send_timeout):
+                    await self._answer(stream, head, client, refused)
+            elif upgrade:
                 await self._upgrade(stream, head.buffered, deadline, address, client)
             else:
                 with trio.move_on_after(self.config.send_timeout):
@@ -456,26 +504,54 @@ class _Site:
             # had its response: stop the reader (it would wait for the client to hang up).
             nursery.cancel_scope.cancel()
 
-    async def _answer(self, stream: trio.SocketStream, head: _Head, client: str) -> None:
-        """Send the response to a plain HTTP request (or a malformed head) and close."""
+    def _refusal(self, request: h11.Request, upgrade: bool) -> HttpResponse | None:
+        """The 403 for a request from a web page or to a host name this server must not serve
+        (`wire.origins`), or None."""
+        config = self.config
+        why = refusal(
+            request.headers,
+            upgrade=upgrade,
+            authenticated=self.auth is not None,
+            allowed_origins=config.allowed_origins,
+            allowed_hosts=config.allowed_hosts,
+        )
+        if why is None:
+            return None
+        route = "/v1/streams" if upgrade else "other"
+        return error_response(403, ErrorCode.FORBIDDEN, why, route=route)
+
+    def _response(self, head: _Head, client: str) -> HttpResponse:
+        """The router's response to a plain HTTP request, or the error for a malformed head."""
         request = head.request
         if request is None:
             too_large = head.error_status == 431
-            response = error_response(
+            return error_response(
                 head.error_status,
                 ErrorCode.TOO_LARGE if too_large else ErrorCode.BAD_REQUEST,
                 f"the request head is over {_MAX_HEAD_BYTES} bytes"
                 if too_large
                 else "malformed HTTP/1.1 request",
             )
-        else:
-            try:
-                response = self.router.route(
-                    request.method, request.target, list(request.headers), self, now=time.time()
-                )
-            except Exception:  # a bug (in a metrics collector, say): answer, and log it
-                logger.error("http client=%s: error while answering", client, exc_info=True)
-                response = error_response(500, ErrorCode.INTERNAL, "internal server error")
+        try:
+            return self.router.route(
+                request.method, request.target, list(request.headers), self, now=time.time()
+            )
+        except Exception:  # a bug (in a metrics collector, say): answer, and log it
+            logger.error("http client=%s: error while answering", client, exc_info=True)
+            return error_response(500, ErrorCode.INTERNAL, "internal server error")
+
+    async def _answer(
+        self,
+        stream: trio.SocketStream,
+        head: _Head,
+        client: str,
+        response: HttpResponse | None = None,
+    ) -> None:
+        """Send the response to a plain HTTP request (or a malformed head, or `response`, a
+        refusal) and close."""
+        request = head.request
+        if response is None:
+            response = self._response(head, client)
         self.counters.http_requests[response.route, response.status] += 1
         # One line per request, at DEBUG for successes (Prometheus scrapes every few seconds).
         # The target and headers are not logged: a client may have put a token in them.
