@@ -10,7 +10,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import trio_events as te
 from helpers import server_runner, until_caught_up
@@ -106,6 +106,15 @@ def _via(address: str) -> list[tuple[str, str]]:
     return [("X-Forwarded-For", f"198.51.100.1, {address}")]
 
 
+async def refused_as_too_many_from(ws: WebSocketConnection, address: str) -> None:
+    """`ws` is closed with 1013 for too many connections from `address`."""
+    with pytest.raises(ConnectionClosed):
+        await ws.get_message()
+    assert ws.closed is not None
+    assert ws.closed.code == 1013
+    assert f"too many connections from {address} " in (ws.closed.reason or "")
+
+
 async def test_behind_a_trusted_proxy_each_client_has_its_own_limit_and_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -122,11 +131,7 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_limit_and_log_line
                 await until_caught_up(a)
                 await until_caught_up(b)  # the same TCP peer, another client: admitted
                 async with open_websocket_url(url, extra_headers=_via("203.0.113.7")) as c:
-                    with pytest.raises(ConnectionClosed):
-                        await c.get_message()
-                    assert c.closed is not None
-                    assert c.closed.code == 1013
-                    assert "too many connections from 203.0.113.7" in (c.closed.reason or "")
+                    await refused_as_too_many_from(c, "203.0.113.7")
     opened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ws open")]
     assert any("client=203.0.113.7 via 127.0.0.1:" in line for line in opened)
     assert any("client=203.0.113.8 via 127.0.0.1:" in line for line in opened)
@@ -141,8 +146,4 @@ async def test_from_an_untrusted_peer_the_header_is_ignored() -> None:
             async with open_websocket_url(url, extra_headers=_via("203.0.113.7")) as a:
                 await until_caught_up(a)
                 async with open_websocket_url(url, extra_headers=_via("203.0.113.8")) as b:
-                    with pytest.raises(ConnectionClosed):
-                        await b.get_message()
-                    assert b.closed is not None
-                    assert b.closed.code == 1013
-                    assert "too many connections from 127.0.0.1" in (b.closed.reason or "")
+                    await refused_as_too_many_from(b, "127.0.0.1")
