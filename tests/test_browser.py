@@ -375,6 +375,7 @@ def test_a_close_1008_is_final_and_says_why(
     assert result["code"] == final, result
     assert result["sockets"] == 1, result  # 1008 is not retried
     assert result["errors"][-1] == final, result
+    assert result["errors"].count(final) == 1, result  # reported once
 
 
 @pytest.mark.parametrize("answers", [False, True], ids=["silent", "answers-pings"])

@@ -662,6 +662,18 @@ def test_serve_limit_flags_become_the_server_config() -> None:
     assert _server_config(_parser().parse_args(["serve"])) == ServerConfig()
 
 
+def test_serve_limit_errors_name_the_flags_and_keep_the_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for flags, message in [
+        (["--allowed-host", "my_app:80"], "allowed host 'my_app:80' is not a host name"),
+        (["--client-idle-timeout", "0"], "--client-idle-timeout"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["serve", *flags])
+        assert message in capsys.readouterr().err
+
+
 async def test_serve_logs_one_line_per_connection_opened_and_closed_without_the_token(
     tmp_path: Path,
 ) -> None:

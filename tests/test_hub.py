@@ -116,6 +116,7 @@ async def test_failed_open_reaches_every_waiter_and_the_next_call_retries() -> N
             async with hub.stream("s"):
                 pytest.fail("the open failed; no stream may be handed out")
         except OSError as exc:
+            await trio.lowlevel.checkpoint()  # the other waiters raise meanwhile
             errors.append(exc)
             frames.append(len(traceback.extract_tb(exc.__traceback__)))
 
@@ -126,8 +127,10 @@ async def test_failed_open_reaches_every_waiter_and_the_next_call_retries() -> N
                 nursery.start_soon(holder)
             await trio.testing.wait_all_tasks_blocked()
             store.gate.set()
-        assert errors == [boom] * 5
-        # Each waiter's traceback is the open's plus its own frames, not every waiter's before.
+        assert [(type(e), e.args) for e in errors] == [(OSError, boom.args)] * 5
+        # Each waiter raises its own copy, with the open's traceback plus its own frames: no
+        # waiter's traceback collects (or is rewritten by) the others'.
+        assert len({id(e) for e in errors}) == 5
         assert len(set(frames)) == 1, frames
         assert store.opens == ["s"]
         stats = hub.statistics()

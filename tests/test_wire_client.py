@@ -652,21 +652,31 @@ async def test_leaving_by_an_error_or_a_cancellation_still_closes_with_1000() ->
 
 
 async def test_a_close_for_too_many_refusals_raises_rate_limited_not_unauthorized() -> None:
-    config = ServerConfig(
-        send_timeout=5, close_timeout=0.5, publish_rate=0.001, publish_burst=1, message_burst=2
-    )
+    config = ServerConfig(send_timeout=5, close_timeout=0.5, message_burst=2)
     with trio.fail_after(TIMEOUT):
         async with te.open_event_hub() as hub, running(hub, config) as server:
             async with connect(server.url(), backoff=FAST) as conn:
-                assert await conn.publish({}, source="user", type="t") == 0
                 for _ in range(2):
-                    with pytest.raises(RateLimited, match="publish rate limit"):
-                        await conn.publish({}, source="user", type="t")
+                    with pytest.raises(BadRequest, match="cause must be"):
+                        await conn.publish({}, source="user", type="t", cause=99)
                 with pytest.raises(RateLimited, match="too many pings and refused messages"):
-                    await conn.publish({}, source="user", type="t")  # over the budget: closed
+                    await conn.publish({}, source="user", type="t", cause=99)  # over: closed
                 with pytest.raises(RateLimited, match="too many pings and refused messages"):
                     async for _ in conn:
                         pass
+
+
+async def test_publishing_over_the_rate_is_refused_and_the_connection_stays() -> None:
+    config = ServerConfig(send_timeout=5, close_timeout=0.5, publish_rate=0.001, publish_burst=1)
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub, config) as server:
+            async with connect(server.url()) as conn:
+                assert await conn.publish({}, source="user", type="t") == 0
+                for _ in range(150):  # more than the budget of refused messages (100)
+                    with pytest.raises(RateLimited, match="publish rate limit"):
+                        await conn.publish({}, source="user", type="t")
+                assert conn.connections == 1
+                assert await take(conn, 1) == [0]
 
 
 # --- a connection that goes silent ------------------------------------------------------------
@@ -720,6 +730,8 @@ async def test_a_full_buffer_is_not_taken_for_a_dead_server() -> None:
         ({"ping_interval": 0}, "ping_interval must be a positive number"),
         ({"ping_timeout": -1}, "ping_timeout must be a positive number"),
         ({"ping_interval": "5"}, "ping_interval must be a positive number"),
+        ({"ping_timeout": None}, "ping_timeout must be a positive number"),
+        ({"ping_timeout": float("inf")}, "ping_timeout must be a positive number"),
     ],
 )
 async def test_bad_ping_settings_are_value_errors(kwargs: dict[str, object], words: str) -> None:

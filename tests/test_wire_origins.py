@@ -65,6 +65,8 @@ def test_without_auth_the_servers_own_pages_and_other_clients_are_served(hs: H) 
         (headers(origin="http://localhost:8765"), "may not connect"),  # another name
         (headers(origin="null"), "origin 'null' may not connect"),  # a sandboxed page
         (headers(origin="garbage"), "origin 'garbage' may not connect"),
+        (headers(origin="http://127.0.0.1:99999"), "may not connect"),  # a port out of range
+        (headers(origin="http://127.0.0.1:8765/x?y"), "may not connect"),  # not an origin
         (headers(host="evil.example:8765", origin="http://evil.example:8765"), "DNS rebinding"),
         (headers(host="evil.example"), "not to 'evil.example'"),
     ],
@@ -94,6 +96,12 @@ def test_allowed_origins_and_hosts_are_served() -> None:
     assert check(headers(origin="https://other.example"), origins=("*",)) is None
     assert check(headers(origin="null"), origins=("null",)) is None
     assert check(headers(host="devbox.local:8765"), hosts=("devbox.local",)) is None
+    # Whatever a refusal advises can be allowed: a compose service name with an underscore.
+    why = check(headers(host="my_app:8765"))
+    assert why is not None
+    assert "--allowed-host my_app " in why
+    allowed = ServerConfig(allowed_hosts=["My_App"]).allowed_hosts
+    assert check(headers(host="my_app:8765"), hosts=allowed) is None
     assert check(headers(host="anything.example"), hosts=("*",)) is None
     # Behind a TLS proxy: Host without a port, an https page.
     assert (
@@ -191,6 +199,10 @@ async def test_the_server_refuses_another_sites_page_and_a_rebinding_host_with_4
             )
             assert status == 403
             assert "DNS rebinding" in orjson.loads(body)["message"]
+            # A malformed Origin is refused like any other, not an error of the server's.
+            bad = UPGRADE % (here, b"http://127.0.0.1:99999")
+            status, body = await raw(server.port, bad)
+            assert status == 403
             # Its own page's origin is upgraded (101), and plain requests to an IP are served.
             status, _ = await raw(server.port, UPGRADE % (here, b"http://" + here))
             assert status == 101

@@ -395,8 +395,7 @@ def test_a_token_bucket_grants_at_most_burst_plus_rate_times_elapsed_and_refills
             assert j - i + 1 <= burst + rate * (granted[j] - first) + 1e-6
 
 
-async def test_refused_publishes_count_toward_the_message_budget() -> None:
-    # Publishes over their own rate are refused; a client that goes on regardless is closed.
+async def test_publishes_over_the_rate_are_refused_as_often_as_sent_and_never_closed() -> None:
     config = ServerConfig(publish_rate=0.001, publish_burst=1, message_rate=0.001, message_burst=3)
     with trio.fail_after(TIMEOUT):
         async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
@@ -404,15 +403,29 @@ async def test_refused_publishes_count_toward_the_message_budget() -> None:
                 await until_caught_up(ws)
                 for req in range(10):
                     await send(ws, publish_msg(req, n=req))
+                answers = [await recv(ws) for _ in range(11)]  # 10 answers and the event
+                codes = [m.get("code") for m in answers if m["op"] != "events"]
+                assert codes == [None] + ["rate_limited"] * 9  # told to wait, 9 times
+                await send(ws, {"op": "ping", "req": "still"})
+                assert await recv(ws) == {"op": "pong", "req": "still"}
+
+
+async def test_publishes_refused_for_what_they_are_count_toward_the_message_budget() -> None:
+    config = ServerConfig(message_rate=0.001, message_burst=3)
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, config) as (port, _):
+            async with open_websocket_url(url(port), extra_headers=bearer(READER)) as ws:
+                await until_caught_up(ws)
+                for req in range(10):  # a read-only token: each is forbidden
+                    await send(ws, publish_msg(req, n=req))
                 messages, close = await messages_until_close(ws)
-    answers = [(m["op"], m.get("req"), m.get("code")) for m in messages if m["op"] != "events"]
-    assert answers == [
-        ("ack", 0, None),
-        ("error", 1, "rate_limited"),
-        ("error", 2, "rate_limited"),
-        ("error", 3, "rate_limited"),
-        ("error", 4, "rate_limited"),  # over the message budget: refused, then closed
+    assert [(m["req"], m["code"]) for m in messages] == [
+        (0, "forbidden"),
+        (1, "forbidden"),
+        (2, "forbidden"),
+        (3, "rate_limited"),  # over the message budget: refused, then closed
     ]
+    assert "too many pings and refused messages" in messages[-1]["message"]
     assert close == 1008
 
 

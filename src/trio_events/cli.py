@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -300,6 +301,14 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
             metavar="N" if field.type in (int, "int") else "X",
             help=f"{help_text} (default {field.default})",
         )
+
+
+def _as_flags(message: str) -> str:
+    """`message` (about `ServerConfig` fields) with each field's name as its ``serve`` flag."""
+    for field in attrs.fields(ServerConfig):
+        flag = _LIMIT_FLAGS[field.name][0] or "--" + field.name.replace("_", "-")
+        message = re.sub(rf"\b{field.name}\b", flag, message)
+    return message
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -853,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 config = _server_config(args)
             except ValueError as exc:
-                parser.error(str(exc).replace("_", "-"))
+                parser.error(_as_flags(str(exc)))
             logging.basicConfig(
                 level=args.log_level.upper(),
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -27,6 +27,7 @@ tasks that use it, and close it when nobody does. The hub does that:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -98,6 +99,22 @@ class HubStats:
     max_streams: int
 
 
+def _for_waiter(error: Exception, traceback: TracebackType | None) -> Exception:
+    """The exception one waiter of a failed open raises: a copy of `error` with the open's
+    traceback, so that waiters never share (and extend) one exception's traceback. An
+    exception that does not copy faithfully is shared, its traceback reset."""
+    try:
+        fresh = copy.copy(error)
+    except Exception:
+        fresh = None
+    if fresh is None or type(fresh) is not type(error) or str(fresh) != str(error):
+        return error.with_traceback(traceback)
+    fresh.__cause__ = error.__cause__
+    fresh.__context__ = error.__context__
+    fresh.__suppress_context__ = error.__suppress_context__
+    return fresh.with_traceback(traceback)
+
+
 class _Entry:
     """One stream id's current incarnation in the hub's table."""
 
@@ -119,8 +136,8 @@ class _Entry:
         self.state: HubStreamState | Literal["failed", "closed"] = "opening"
         self.stream: EventStream | None = None
         self.error: Exception | None = None
-        # The failed open's own traceback: each waiter raises `error` from it afresh, so that
-        # the shared exception's traceback does not grow by every waiter's frames.
+        # The failed open's own traceback: each waiter raises a copy of `error` with it (see
+        # `_for_waiter`).
         self.error_traceback: TracebackType | None = None
         self.holders = 0
         self.idle_since: float | None = None
@@ -242,7 +259,7 @@ class EventHub:
                 return entry
             self._release(entry)
             if entry.error is not None:
-                raise entry.error.with_traceback(entry.error_traceback)
+                raise _for_waiter(entry.error, entry.error_traceback)
             # It opened and closed at once (the hub is closing), or the open was cancelled.
 
     def _add_holder(self, entry: _Entry) -> None:

@@ -524,6 +524,10 @@ class EventStream:
                             )
                             error.__cause__ = exc
                             request.complete(outcome.Error(error))
+                        if batches_send is None and log.last_id > self._appended_id:
+                            # A shared log that knows it stored them (its replicas did not
+                            # confirm, say): the tail reader passes them on before it stops.
+                            self._appended_id = log.last_id
                         stored = log.last_id - self._last_id
                         if stored > 0 and batches_send is not None:
                             # The store broke its contract (a failed append must store

@@ -575,6 +575,7 @@ class RedisStreamLog:
             self._first_id = max(self._first_id, _event_id(head, self._key))
         if confirmed < store._replicas:
             last_event = first_event + len(bodies) - 1
+            self._last_id = max(self._last_id, last_event)  # stored on the primary
             raise StoreOutcomeUnknown(
                 f"stream {self.stream_id!r}: events {first_event}..{last_event} are stored on the "
                 f"Redis primary, but only {confirmed} of {store._replicas} replica(s) confirmed "

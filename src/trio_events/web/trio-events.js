@@ -215,6 +215,7 @@ export class Connection {
     /** @private @type {WebSocket|null} */ this._ws = null;
     /** @private */ this._helloSeen = false;
     /** @private */ this._refusal = null; // an error before hello, for the close that follows
+    /** @private */ this._reported = null; // the last error already given to onError
     /** @private */ this._timer = null;
     /** @private */ this._nextReq = 0;
     /** @private @type {Map<string, {resolve: Function, reject: Function, timer: any}>} */
@@ -364,6 +365,7 @@ export class Connection {
         } else {
           // An error the server sends before closing (e.g. an expired token); the close decides.
           this._refusal = err;
+          this._reported = err;
           this._opts.onError?.(err);
         }
         break;
@@ -592,7 +594,7 @@ export class Connection {
     for (const { req } of this._queue.splice(0)) this._settle(req, null, this._notConnected());
     this.error = error;
     this._setState("closed");
-    if (error) this._opts.onError?.(error);
+    if (error && error !== this._reported) this._opts.onError?.(error); // not twice
   }
 
   /** @private */

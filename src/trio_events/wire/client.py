@@ -323,8 +323,13 @@ class Connection:
         ping_interval: float | None,
         ping_timeout: float,
     ) -> None:
-        for name, seconds in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
-            if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
+        for name, seconds, may_be_none in (
+            ("ping_interval", ping_interval, True),
+            ("ping_timeout", ping_timeout, False),
+        ):
+            if seconds is None and may_be_none:
+                continue
+            if not (isinstance(seconds, int | float) and 0 < seconds < math.inf):
                 raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r}")
         self._bases, self.stream_id, self._query, self._filtered = _check_urls(url)
         self._server = 0  # the index in `_bases` of the server to (re)connect to

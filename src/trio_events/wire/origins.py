@@ -106,7 +106,7 @@ def _same_origin(origin: str, host: str | None) -> bool:
     """Whether `origin` (normalized) is the server's own, as the request's `host` names it."""
     if host is None or origin in ("*", "null"):
         return False
-    parts = urlsplit(origin)
+    parts = urlsplit(origin)  # normalized: it parses
     name, port = _split_host(host)
     origin_name = (parts.hostname or "").lower()
     origin_port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
@@ -147,12 +147,15 @@ def refusal(
     origins = set(allowed_origins)
     if authenticated and not origins:
         return None  # a page needs a token to do anything: no list, no check
+    if "*" in origins:
+        return None
     try:
         origin = normalize_origin(origin_header)
     except ValueError:
-        origin = origin_header  # as sent: compared, never allowed unless "*"
-    if "*" in origins or origin in origins or _same_origin(origin, host):
-        return None
+        pass  # not an origin a browser sends (a path, a bad port): allowed by "*" only
+    else:
+        if origin in origins or _same_origin(origin, host):
+            return None
     why = (
         "it is not in the server's allowed origins"
         if authenticated

@@ -158,7 +158,8 @@ def _text(what: str, value: object) -> str:
     return value
 
 
-_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+# Underscores too: container and compose service names (``my_app``) have them.
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 _HOST_NAME: Final = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
@@ -208,10 +209,11 @@ class ServerConfig:
         publish_burst: Publishes a connection may send at once before the rate applies.
         message_rate: Sustained messages per second per connection that publish nothing:
             ``ping``, and every message refused for the client's doing (a bad frame; a
-            publish that is forbidden, over the rate, too large or malformed; not one the
-            store failed to take). Over the budget the server sends ``error``/``rate_limited``
-            and closes with 1008: answering each one costs the server work, and a client
-            sending them in a loop would otherwise keep it busy.
+            publish that is forbidden, too large or malformed; not one over ``publish_rate``,
+            nor one the store failed to take). Over the budget the server sends
+            ``error``/``rate_limited`` and closes with 1008: answering each one costs the server
+            work, and a client sending them in a loop would otherwise keep it busy. WebSocket
+            ping frames are answered by the WebSocket layer and are not counted.
         message_burst: Such messages a connection may send at once before the rate applies.
         trusted_proxies: IP addresses or networks (``"10.0.0.0/8"``) of reverse proxies in
             front of the server. A connection from one of them is taken to be from the client
@@ -803,6 +805,10 @@ def _feed_with_gaps(replay: Replay, batch: list[Event]) -> list[ServerMessage]:
     return messages
 
 
+#: Publish refusals that do not count toward a connection's budget of refused messages.
+_FREE_REFUSALS: Final = frozenset({ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED})
+
+
 class _TokenBucket:
     """A rate limit: `burst` at once, then `rate` per second (on Trio's clock)."""
 
@@ -1230,8 +1236,9 @@ class _Connection:
             refusal = await self._try_publish(stream, message)
             if refusal is None:
                 return
-        # A refusal the server caused (its store failing) is not held against the client.
-        if refusal.code is not ErrorCode.INTERNAL and await self._over_message_budget(message.req):
+        # Not held against the client: a refusal the server caused (its store failing), and
+        # one over the publish rate (the client is told to wait and publish again).
+        if refusal.code not in _FREE_REFUSALS and await self._over_message_budget(message.req):
             return
         self.note_refused(refusal.code)
         await self.send(refusal)
