@@ -738,3 +738,50 @@ async def test_bad_ping_settings_are_value_errors(kwargs: dict[str, object], wor
     with pytest.raises(ValueError, match=words):
         async with connect("ws://127.0.0.1:1/v1/streams/s", **kwargs):  # type: ignore[arg-type]
             pass  # pragma: no cover
+
+
+# --- a server that does not answer ------------------------------------------------------------
+
+
+async def test_a_server_that_accepts_tcp_and_never_answers_fails_within_connect_timeout() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        start = trio.current_time()
+        with trio.fail_after(TIMEOUT), pytest.raises(ReconnectFailed) as info:
+            async with connect(
+                f"ws://127.0.0.1:{port}/v1/streams/s",
+                connect_timeout=0.3,
+                backoff=Backoff(max_attempts=0),
+            ):
+                pass  # pragma: no cover
+        assert trio.current_time() - start < 5
+        assert "1 attempt in a row failed" in str(info.value)
+        assert "no WebSocket handshake and hello within 0.3 s" in str(info.value)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_upgrades_but_sends_no_hello_is_retried_then_given_up() -> None:
+    attempts = 0
+
+    async def handler(request: WebSocketRequest) -> None:
+        nonlocal attempts
+        attempts += 1
+        await request.accept()
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT):
+        async with tiny_server(handler) as port:
+            with pytest.raises(ReconnectFailed, match="2 attempts in a row failed"):
+                async with connect(
+                    f"ws://127.0.0.1:{port}/v1/streams/s",
+                    connect_timeout=0.3,
+                    backoff=Backoff(base=0.01, max_attempts=1),
+                ):
+                    pass  # pragma: no cover
+    assert attempts == 2

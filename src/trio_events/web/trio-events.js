@@ -548,7 +548,7 @@ export class Connection {
       const why = `closed with ${code}${reason ? ` (${reason})` : ""}`;
       this._finish(enabled
         ? new TrioEventsError("reconnect_failed", `could not (re)connect to stream ` +
-          `${this.streamId}: ${failures + 1} attempts in a row failed; last: ${why}`)
+          `${this.streamId}: ${failures + 1} attempt${failures ? "s" : ""} in a row failed; last: ${why}`)
         : new TrioEventsError("not_connected", `the connection was lost (${why}) and ` +
           "reconnect is disabled"));
       return;

@@ -197,7 +197,14 @@ class ReconnectFailed(ClientError):
 def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
-    return "unknown" if exc is None else f"{type(exc).__name__}: {exc}"
+    if exc is None:
+        return "unknown"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _count_attempts(count: int) -> str:
+    return "1 attempt" if count == 1 else f"{count} attempts"
 
 
 class _Drop(Exception):
@@ -550,7 +557,7 @@ class Connection:
                         last = _describe(drop.__cause__)
                         raise ReconnectFailed(
                             f"could not (re)connect to stream {self.stream_id!r}: "
-                            f"{failures + 1} attempts in a row failed; last: {last}"
+                            f"{_count_attempts(failures + 1)} in a row failed; last: {last}"
                         ) from drop.__cause__
                     delay = self.backoff.delay(failures, random.random())
                     failures += 1
@@ -576,41 +583,17 @@ class Connection:
             self._send_events.close()
 
     async def _session(self) -> None:
-        headers = []
-        if self._token is not None:
-            headers.append((b"authorization", b"Bearer " + self._token.encode()))
-        hello_seen = False
+        """One connection, from connecting to its end; a drop worth retrying is `_Drop`."""
+        # The TCP connection, the handshake and `hello`, all within connect_timeout. (Not
+        # trio-websocket's connect_timeout alone: after a handshake that timed out it still
+        # waits for its reader task, which waits for a server that never answers.)
+        opening = trio.CancelScope(deadline=trio.current_time() + self.connect_timeout)
         self._last_error = None
         try:
-            async with open_websocket_url(
-                self._url(),
-                extra_headers=headers,
-                connect_timeout=self.connect_timeout,
-                disconnect_timeout=self.connect_timeout,
-                max_message_size=self.max_message_size,
-            ) as ws:
-                self._opening(await self._receive(ws))
-                hello_seen = True
-                self._last_heard = trio.current_time()
-                self.connections += 1
-                self._generation += 1
-                self._ws = ws
-                self._connected.set()
-                self._ready.set()
-                try:
-                    while True:
-                        await self._handle(await self._receive(ws))
-                except ConnectionClosed:
-                    if self._leaving is not None:
-                        # `_leave` is closing this connection: leaving this block would stop
-                        # trio-websocket's reader before it gets the server's close frame.
-                        await self._leaving.wait()
-                    raise
-                finally:
-                    self._ws = None
-                    self._connected = trio.Event()
-                    self._fail_pending(None)
+            with opening:
+                await self._connection(opening)
         except ConnectionClosed as exc:
+            hello_seen = opening.deadline == math.inf
             if self._dead is not None:
                 self._dead = None
                 raise _Drop("after hello") from TimeoutError(
@@ -640,7 +623,46 @@ class Connection:
                 exc.__cause__ or exc.__context__, OSError
             ):
                 cause = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+            hello_seen = opening.deadline == math.inf
             raise _Drop("after hello" if hello_seen else "before hello") from cause
+        if opening.cancelled_caught:
+            raise _Drop("before hello") from TimeoutError(
+                f"no WebSocket handshake and hello within {self.connect_timeout:g} s"
+            )
+
+    async def _connection(self, opening: trio.CancelScope) -> None:
+        """Connect, read ``hello`` (then lift `opening`'s deadline), and read until the end."""
+        headers = []
+        if self._token is not None:
+            headers.append((b"authorization", b"Bearer " + self._token.encode()))
+        async with open_websocket_url(
+            self._url(),
+            extra_headers=headers,
+            connect_timeout=self.connect_timeout,
+            disconnect_timeout=self.connect_timeout,
+            max_message_size=self.max_message_size,
+        ) as ws:
+            self._opening(await self._receive(ws))
+            opening.deadline = math.inf  # hello: connected
+            self._last_heard = trio.current_time()
+            self.connections += 1
+            self._generation += 1
+            self._ws = ws
+            self._connected.set()
+            self._ready.set()
+            try:
+                while True:
+                    await self._handle(await self._receive(ws))
+            except ConnectionClosed:
+                if self._leaving is not None:
+                    # `_leave` is closing this connection: leaving this block would stop
+                    # trio-websocket's reader before it gets the server's close frame.
+                    await self._leaving.wait()
+                raise
+            finally:
+                self._ws = None
+                self._connected = trio.Event()
+                self._fail_pending(None)
 
     @staticmethod
     def _rejection(exc: ConnectionRejected) -> ServerError:
