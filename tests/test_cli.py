@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -632,6 +633,10 @@ def test_serve_refuses_an_unusable_store_in_one_line_without_its_password(
         (["--memory", "--outage-timeout", "3"], "--outage-timeout: only with --store"),
         (["--store", "redis://h/0", "--outage-timeout", "-1"], "--outage-timeout must be a"),
         (["--memory", "--replicas", "1"], "--replicas: only with --store"),
+        (["--memory", "--data-dir", "d"], "--data-dir is the embedded store's: not with"),
+        (["--store", "redis://h/0", "--data-dir", "d"], "--data-dir is the embedded store's"),
+        (["--port", "74301"], "--port must be 0 (any free port) to 65535, not 74301"),
+        (["--port", "-1"], "--port must be 0 (any free port) to 65535, not -1"),
         (["--store", "redis://h/0", "--replicas", "-1"], "--replicas must be a number"),
         (["--store", "redis://h/0", "--replica-timeout", "0"], "--replica-timeout must be a"),
     ]
@@ -703,3 +708,32 @@ async def test_serve_logs_one_line_per_connection_opened_and_closed_without_the_
     assert "subject=writer" in opened[0]
     assert "subject=writer code=" in closed[0]
     assert WRITER not in log.decode()
+
+
+def test_serve_on_a_port_in_use_is_one_line_saying_what_to_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--memory", "--port", str(port)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in error
+    assert "--port 0" in error
+
+
+async def test_a_stream_open_elsewhere_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(tmp_path / "d")
+    async with te.open_event_stream("s", store=te.LogStore(data)) as stream:
+        await stream.publish({}, source="user", type="t")
+        export = ["export-openhands", "s", str(tmp_path / "out"), "--data-dir", data]
+        status = await trio.to_thread.run_sync(main, export)
+    assert status == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "stream 's'" in error
+    assert "is already open in this process" in error

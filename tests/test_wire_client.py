@@ -41,7 +41,7 @@ from trio_events.wire.client import (
     connect,
 )
 from trio_events.wire.protocol import ErrorCode, parse_stream_request
-from trio_events.wire.server import ServerConfig
+from trio_events.wire.server import ServerConfig, serve_streams
 
 # A small close_timeout: stopping a server that has clients takes that long.
 CFG = ServerConfig(send_timeout=5, close_timeout=0.5)
@@ -785,3 +785,13 @@ async def test_a_server_that_upgrades_but_sends_no_hello_is_retried_then_given_u
                 ):
                     pass  # pragma: no cover
     assert attempts == 2
+
+
+async def test_a_server_on_ipv6_loopback_is_followed_and_published_to() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(serve_streams, hub, host="::1", port=0))
+            async with connect(f"ws://[::1]:{port}/v1/streams/s") as conn:
+                assert await conn.publish({}, source="user", type="t") == 0
+                assert await take(conn, 1) == [0]
+            nursery.cancel_scope.cancel()

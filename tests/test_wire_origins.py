@@ -3,6 +3,8 @@ IP addresses, localhost or allowed names are answered (sans-IO), and the server 
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 import trio
@@ -50,6 +52,7 @@ def check(
         headers(host="localhost:8765", origin="http://localhost:8765"),
         headers(host="[::1]:8765", origin="http://[::1]:8765"),
         headers(host="[::1]:8765"),
+        headers(host="::1:8765"),  # trio-websocket's client leaves out the brackets
         headers(host=None),  # HTTP/1.0, no Host: not a browser
     ],
 )
@@ -185,7 +188,10 @@ UPGRADE = (
 )
 
 
-async def test_the_server_refuses_another_sites_page_and_a_rebinding_host_with_403() -> None:
+async def test_the_server_refuses_another_sites_page_and_a_rebinding_host_with_403(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_events")
     with trio.fail_after(20):
         async with te.open_event_hub() as hub, running(hub) as server:
             here = b"127.0.0.1:%d" % server.port
@@ -208,6 +214,10 @@ async def test_the_server_refuses_another_sites_page_and_a_rebinding_host_with_4
             assert status == 101
             status, _ = await raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: %s\r\n\r\n" % here)
             assert status == 200
+    # A browser shows none of it: the server's log says why, once per refusal.
+    refusals = [r.getMessage() for r in caplog.records if " refused: " in r.getMessage()]
+    assert len(refusals) == 3
+    assert "origin 'https://evil.example' may not connect" in refusals[0]
 
 
 async def test_with_tokens_another_origin_may_connect_unless_origins_are_listed() -> None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import math
@@ -303,6 +304,11 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _as_flags(message: str) -> str:
     """`message` (about `ServerConfig` fields) with each field's name as its ``serve`` flag."""
     for field in attrs.fields(ServerConfig):
@@ -392,7 +398,7 @@ async def _serve_hub(
                     )
                 )
                 print(
-                    f"serving streams on ws://{args.host}:{port}/v1/streams/ID "
+                    f"serving streams on ws://{_url_host(args.host)}:{port}/v1/streams/ID "
                     f"(store: {where}; auth: {auth_text}); Ctrl+C to stop",
                     flush=True,
                 )
@@ -654,7 +660,6 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve streams over WebSocket protocol v1")
     serve.add_argument(
         "--data-dir",
-        default=DEFAULT_DATA_DIR,
         help=f"where the LogStore keeps its files (default {DEFAULT_DATA_DIR})",
     )
     serve.add_argument("--memory", action="store_true", help="keep streams in memory only")
@@ -833,6 +838,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             if (args.store or args.store_env) and args.memory:
                 parser.error("--memory and --store/--store-env: choose one store")
+            if args.data_dir is not None and (args.memory or args.store or args.store_env):
+                parser.error("--data-dir is the embedded store's: not with --memory or --store")
+            if args.data_dir is None:
+                args.data_dir = DEFAULT_DATA_DIR
+            if not 0 <= args.port <= 65535:
+                parser.error(f"--port must be 0 (any free port) to 65535, not {args.port}")
             redis_only = [
                 flag
                 for flag, value in (
@@ -890,9 +901,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (TrioEventsError, ValueError, OSError) as exc:
-        print(f"trio-events {args.command}: {exc}", file=sys.stderr)
+        print(f"trio-events {args.command}: {_user_message(args, exc)}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # Raised inside a nursery (binding the port, say): one such error is still just that.
+        leaf = _leaf(group)
+        if not isinstance(leaf, TrioEventsError | ValueError | OSError):
+            raise
+        print(f"trio-events {args.command}: {_user_message(args, leaf)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The single exception at the bottom of nested one-exception groups, else None."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _user_message(args: argparse.Namespace, exc: BaseException) -> str:
+    """`exc` as one line for the user, with what to do where the bare error would not say."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE and args.command == "serve":
+        return (
+            f"cannot listen on {_url_host(args.host)}:{args.port}: the port is in use (another "
+            f"trio-events serve?); choose another with --port, or --port 0 for any free one"
+        )
+    return str(exc)
 
 
 async def _run_and_close(store: LogStore, data_dir: str, events: int) -> None:

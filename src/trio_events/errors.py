@@ -18,7 +18,9 @@ __all__ = [
     "InvalidStreamId",
     "OpenHandsFormatError",
     "StoreError",
+    "StoreOutcomeUnknown",
     "StreamClosed",
+    "StreamLocked",
     "SubscriberDisconnected",
     "TooManyStreams",
     "TrioEventsError",
@@ -85,6 +87,14 @@ class StoreError(TrioEventsError):
     """The store failed to append a batch; the batch was not stored and its ids are reused.
 
     The store's own exception is the ``__cause__``.
+    """
+
+
+class StreamLocked(TrioEventsError, RuntimeError):
+    """The stream is open elsewhere: in another process (a running ``trio-events serve``, say)
+    or through another store on the same directory. A stream has one writer.
+
+    A `RuntimeError` too, as it was before it had a class of its own.
     """
 
 

@@ -46,7 +46,7 @@ import outcome
 import trio
 
 from .._checks import check_int
-from ..errors import CorruptLogError, HistoryTruncated
+from ..errors import CorruptLogError, HistoryTruncated, StreamLocked
 from ..events import Event, PayloadRegistry, encode_event, event_from_dict
 from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
 
@@ -490,7 +490,7 @@ def _lock_stream(path: Path, what: str) -> tuple[str, int]:
     key = os.path.realpath(path)
     with _LOCKED_GUARD:
         if key in _LOCKED:
-            raise RuntimeError(
+            raise StreamLocked(
                 f"{what} is already open in this process (by another store on the same "
                 f"directory); a stream has one writer"
             )
@@ -500,7 +500,7 @@ def _lock_stream(path: Path, what: str) -> tuple[str, int]:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EACCES, errno.EAGAIN):
-                raise RuntimeError(
+                raise StreamLocked(
                     f"{what} is open in another process (its LOCK file is locked); a stream "
                     f"has one writer"
                 ) from None

@@ -89,6 +89,9 @@ def _split_host(host: str) -> tuple[str, int | None]:
         port_text = rest[1:] if rest.startswith(":") else ""
     elif host.count(":") == 1:
         name, _, port_text = host.partition(":")
+    elif ":" in host and not _is_ip(host):
+        # An IPv6 address and a port without brackets, as trio-websocket's client writes it.
+        name, _, port_text = host.rpartition(":")
     else:
         name, port_text = host, ""
     return name, int(port_text) if port_text.isdigit() else None

@@ -57,7 +57,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
+from typing import Final, TypeVar
 
 import attrs
 import h11
@@ -78,6 +78,7 @@ from ..errors import (
     StoreError,
     StoreOutcomeUnknown,
     StreamClosed,
+    StreamLocked,
     TooManyStreams,
 )
 from ..events import Event, PayloadRegistry
@@ -454,7 +455,7 @@ class _Site:
                 if real != address:
                     address, client = real, f"{real} via {client}"
             upgrade = head.request is not None and _is_upgrade(head.request)
-            refused = None if head.request is None else self._refusal(head.request, upgrade)
+            refused = None if head.request is None else self._refusal(head.request, upgrade, client)
             if refused is not None:
                 with trio.move_on_after(self.config.send_timeout):
                     await self._answer(stream, head, client, refused)
@@ -506,9 +507,9 @@ class _Site:
             # had its response: stop the reader (it would wait for the client to hang up).
             nursery.cancel_scope.cancel()
 
-    def _refusal(self, request: h11.Request, upgrade: bool) -> HttpResponse | None:
+    def _refusal(self, request: h11.Request, upgrade: bool, client: str) -> HttpResponse | None:
         """The 403 for a request from a web page or to a host name this server must not serve
-        (`wire.origins`), or None."""
+        (`wire.origins`), or None. The reason is logged: a browser never shows it."""
         config = self.config
         why = refusal(
             request.headers,
@@ -519,6 +520,7 @@ class _Site:
         )
         if why is None:
             return None
+        logger.info("http client=%s refused: %s", client, why)
         route = "/v1/streams" if upgrade else "other"
         return error_response(403, ErrorCode.FORBIDDEN, why, route=route)
 
@@ -778,7 +780,10 @@ async def _handle_request(
 _COUNTED_CLOSE_CODES: Final = frozenset(range(1000, 1016)) | frozenset(CloseCode)
 
 
-def _first_leaf(group: BaseExceptionGroup[ConnectionClosed]) -> ConnectionClosed:
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _first_leaf(group: BaseExceptionGroup[_E]) -> _E:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
@@ -947,6 +952,16 @@ class _Connection:
             self.finish(CloseCode.GOING_AWAY, "server shutting down")
         except* TooManyStreams:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
+        except* StreamLocked as group:
+            # Another process writes this stream (a second server on the same data directory):
+            # a deployment mistake to report plainly, not an internal error with a traceback.
+            logger.error(
+                "ws stream=%s client=%s: cannot open the stream: %s",
+                self.request.stream_id,
+                self.client,
+                _first_leaf(group),
+            )
+            self.finish(CloseCode.OVERLOADED, "the stream is open in another process; retry later")
         except* ConnectionClosed as group:
             self.finish_closed(_first_leaf(group))
         except* Exception:
