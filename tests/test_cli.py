@@ -737,3 +737,17 @@ async def test_a_stream_open_elsewhere_is_one_line_not_a_traceback(
     assert error.count("\n") == 1
     assert "stream 's'" in error
     assert "is already open in this process" in error
+
+
+def test_export_of_a_stream_that_does_not_exist_says_so_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    assert main(["export-openhands", "nope", str(tmp_path / "out"), "--data-dir", str(data)]) == 1
+    assert f"no stream 'nope' in {data} (it holds no stream)" in capsys.readouterr().err
+    assert not data.exists()
+    assert not (tmp_path / "out").exists()
+    assert main(["demo", "--data-dir", str(data), "--events", "10"]) == 0
+    capsys.readouterr()
+    assert main(["export-openhands", "nope", str(tmp_path / "out"), "--data-dir", str(data)]) == 1
+    assert "(its streams: demo)" in capsys.readouterr().err

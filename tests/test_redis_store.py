@@ -537,3 +537,12 @@ async def test_a_stream_is_open_once_at_a_time_on_a_store() -> None:
         await log.aclose()
         again = await store.open_stream("s", te.default_registry)  # once closed, it opens
         await again.aclose()
+
+
+async def test_a_bad_database_in_the_url_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"the database of a Redis URL is a number.*not 'abc'"):
+        async with te.open_redis_store("redis://127.0.0.1:6379/abc"):
+            pass  # pragma: no cover
+    with trio.fail_after(20), pytest.raises(te.StoreError, match="DB index is out of range"):
+        async with te.open_redis_store("redis://127.0.0.1:6379/99999"):
+            pass  # pragma: no cover

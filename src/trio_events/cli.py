@@ -430,6 +430,14 @@ async def _import(args: argparse.Namespace) -> None:
 async def _export(args: argparse.Namespace) -> None:
     store = LogStore(args.data_dir)
     sid = args.sid or args.stream
+    # Checked first: opening a stream that does not exist would create it (and the directory).
+    stored = await store.stream_ids()
+    if args.stream not in stored:
+        held = f"its streams: {', '.join(stored[:20])}" if stored else "it holds no stream"
+        raise ValueError(
+            f"no stream {args.stream!r} in {args.data_dir} ({held}); check the stream id and "
+            f"--data-dir"
+        )
     try:
         with _progress(f"exporting {args.stream}") as progress:
             count = await export_conversation(

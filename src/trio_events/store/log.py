@@ -1322,6 +1322,17 @@ class LogStore:
     def _stream_dir(self, stream_id: str) -> Path:
         return self.path / "streams" / check_stream_id(stream_id)
 
+    async def stream_ids(self) -> list[str]:
+        """The ids of the streams this directory holds, sorted (none if it does not exist)."""
+
+        def listing() -> list[str]:
+            try:
+                return sorted(entry.name for entry in (self.path / "streams").iterdir())
+            except FileNotFoundError:
+                return []
+
+        return await trio.to_thread.run_sync(listing)
+
     async def open_stream(self, stream_id: str, registry: PayloadRegistry) -> LogStreamLog:
         check_stream_id(stream_id)
         while stream_id in self._open:

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import coredis
 import coredis.exceptions
@@ -873,6 +874,12 @@ async def open_redis_store(
         raise ValueError(
             f"a Redis URL looks like redis://host:6379/0 (or rediss://, unix://), not {shown!r}"
         )
+    database = urlsplit(url).path.strip("/") if url.startswith(("redis://", "rediss://")) else ""
+    if database and not database.isdigit():
+        raise ValueError(
+            f"the database of a Redis URL is a number, as in redis://host:6379/0, not "
+            f"{database!r} (in {safe_url(url)})"
+        )
     options: dict[str, Any] = {
         "decode_responses": False,
         "stream_timeout": _BLOCK_MS / 1000 + 10,
@@ -920,6 +927,11 @@ async def open_redis_store(
                 raise StoreError(
                     f"Redis at {safe_url(url)} refused the credentials of the URL: check its "
                     f"user and password"
+                ) from None
+            except coredis.exceptions.ResponseError as exc:  # "DB index is out of range", say
+                raise StoreError(
+                    f"Redis at {safe_url(url)} refused the connection's setup: {exc}; check the "
+                    f"database number and options of the URL"
                 ) from None
             yield store
     except BaseExceptionGroup as group:
