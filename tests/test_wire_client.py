@@ -795,3 +795,14 @@ async def test_a_server_on_ipv6_loopback_is_followed_and_published_to() -> None:
                 assert await conn.publish({}, source="user", type="t") == 0
                 assert await take(conn, 1) == [0]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_publish_over_the_servers_frame_limit_is_too_large_not_outcome_unknown() -> None:
+    config = ServerConfig(send_timeout=5, close_timeout=0.5, max_message_bytes=2000)
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub, config) as server:
+            async with connect(server.url(), backoff=FAST) as conn:
+                with pytest.raises(TooLarge, match="over this server's limit of 2000 bytes"):
+                    await conn.publish({"x": "y" * 3000}, source="user", type="t")
+            async with hub.stream("s") as stream:
+                assert stream.get_latest_event_id() == -1  # refused: certainly not stored

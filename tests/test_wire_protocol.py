@@ -918,3 +918,29 @@ def test_skip_reports_a_gap_mid_connection_then_goes_on() -> None:
         r2.skip(9)
     with pytest.raises(ReplayInvariantError, match="before open"):
         replay().skip(3)
+
+
+@pytest.mark.parametrize(
+    ("head", "req"),
+    [
+        ('{"op":"publish","req":"p1","event":', "p1"),
+        ('{ "op" : "publish" , "req" : -42 , "event":', -42),
+        ('{"op":"ping","req":"k1"}', "k1"),
+        ('{"op":"publish","req":"a\\"b","event":', 'a"b'),
+        ('{"op":"publish","event":{},"req":"late",', None),  # not first: not looked for
+        ('{"op":"publish","req":"' + "x" * 129 + '",', None),  # over 128 characters
+        ('{"op":"publish","req":1e3,', None),
+        ("not json", None),
+    ],
+)
+def test_a_frame_too_large_to_parse_is_answered_with_its_leading_req(
+    head: str, req: object
+) -> None:
+    data = head + " " * 5000
+    with pytest.raises(ProtocolError) as info:
+        parse_client_message(data, max_bytes=1000)
+    assert info.value.code is ErrorCode.TOO_LARGE
+    assert info.value.req == req
+    with pytest.raises(ProtocolError) as info:
+        parse_client_message(data.encode(), max_bytes=1000)
+    assert info.value.req == req

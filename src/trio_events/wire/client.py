@@ -434,20 +434,28 @@ class Connection:
                     raise NotConnected(f"the connection is finished: {self._end_reason()}")
                 await self._connected.wait()
                 ws = self._ws
-                if ws is not None:
+                if ws is None or ws.closed is not None:
+                    # Closed, and the reader has yet to notice: wait for the next connection.
+                    await trio.lowlevel.checkpoint()
+                    continue
+                pending = _Pending(self._generation)
+                self._pending[req] = pending
+                sent = False
+                try:
+                    async with self._send_lock:
+                        if ws.closed is None:
+                            sent = True
+                            await ws.send_message(data)
+                except ConnectionClosed:
+                    # Perhaps not fully written; still, never guess.
+                    self._pending.pop(req, None)
+                    raise PublishOutcomeUnknown(
+                        "the connection closed while the publish was being sent: it may or may "
+                        "not have been stored (it was not retried)"
+                    ) from None
+                if sent:
                     break
-            pending = _Pending(self._generation)
-            self._pending[req] = pending
-            try:
-                async with self._send_lock:
-                    await ws.send_message(data)
-            except ConnectionClosed:
-                # Perhaps not fully written; still, never guess.
-                self._pending.pop(req, None)
-                raise PublishOutcomeUnknown(
-                    "the connection closed while the publish was being sent: it may or may not "
-                    "have been stored (it was not retried)"
-                ) from None
+                self._pending.pop(req, None)  # closed while it waited to send: nothing sent
             await pending.done.wait()
         if pending is None:
             raise NotConnected(f"not connected within {self.publish_timeout:g} s; nothing sent")

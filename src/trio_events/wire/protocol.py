@@ -481,7 +481,29 @@ def _check_size(data: str | bytes, max_bytes: int) -> bytes | str:
         ErrorCode.TOO_LARGE,
         f"frame of {size} bytes is over this server's limit of {max_bytes} bytes; "
         f"publish smaller events (store large blobs elsewhere and publish a reference)",
+        _leading_req(data),
     )
+
+
+#: A message that starts with its op and its req, as this project's clients write them.
+_LEADING_REQ: Final = re.compile(
+    r'\s*\{\s*"op"\s*:\s*"(?:publish|ping)"\s*,\s*"req"\s*:\s*'
+    r'("(?:[^"\\\x00-\x1f]|\\.){0,128}"|-?[0-9]{1,16})\s*[,}]'
+)
+
+
+def _leading_req(data: str | bytes) -> Req | None:
+    """The req of a frame too large to parse, if it comes first (so that the client learns
+    which request was refused, and that it was not stored); read from its first bytes only."""
+    head = data[:256]
+    text = head if isinstance(head, str) else head.decode("utf-8", "replace")
+    match = _LEADING_REQ.match(text)
+    if match is None:
+        return None
+    try:
+        return _read_req(orjson.loads(match.group(1)))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _loads(data: str | bytes) -> Any:
