@@ -454,6 +454,15 @@ def test_plot_without_matplotlib_names_the_extra(
     assert "trio-events[plot]" in capsys.readouterr().err
 
 
+def test_a_plot_into_a_missing_directory_is_refused_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "sweep", "--plot", str(tmp_path / "no" / "x.png")])
+    assert exit_info.value.code == 2
+    assert f"no directory {tmp_path / 'no'} to write the chart into" in capsys.readouterr().err
+
+
 async def test_ctrl_c_stops_a_sweep_and_still_prints_what_was_measured(tmp_path: Path) -> None:
     chart = tmp_path / "partial.png"
     args = ["bench", "sweep", "--scenario", "slow-consumer", "--buffers", "4,8,16,32,64"]

@@ -224,6 +224,9 @@ def test_publishing_from_the_page_shows_the_assigned_id(
     expect(page.locator("#pub-result")).to_have_text(
         'the payload must be a JSON object, e.g. {"value": 3}'
     )
+    page.locator("#pub-payload").fill("{n: 1}")
+    page.locator("#pub-send").click()
+    expect(page.locator("#pub-result")).to_contain_text("the payload is not valid JSON (")
 
 
 def test_a_page_of_another_origin_cannot_use_a_server_without_auth(

@@ -382,9 +382,10 @@ class EventStream:
                 f"source must be one of {[s.value for s in EventSource]}, not {source!r}"
             ) from None
         if cause is not None and (type(cause) is not int or not 0 <= cause <= self._last_id):
+            known = f"0..{self._last_id}" if self._last_id >= 0 else "it has none yet"
             raise ValueError(
                 f"cause must be None or the id of an event already in the stream "
-                f"(0..{self._last_id}), not {cause!r}"
+                f"({known}), not {cause!r}"
             )
         if type(hidden) is not bool:
             raise ValueError(f"hidden must be True or False, not {hidden!r}")

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast, get_args
 
 import attrs
@@ -256,6 +257,9 @@ def _run_sweep(
             check_plot_available()  # before minutes of measuring, not after
         except PlotUnavailable as exc:
             parser.error(f"--plot: {exc}")
+        folder = Path(args.plot).resolve().parent
+        if not folder.is_dir():
+            parser.error(f"--plot {args.plot}: no directory {folder} to write the chart into")
     durability_grid = args.durabilities is not None or args.publisher_counts is not None
     if durability_grid:
         if config.scenario != "durable":

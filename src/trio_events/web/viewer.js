@@ -346,10 +346,12 @@ ui.publishForm.addEventListener("submit", async (ev) => {
   try {
     payload = JSON.parse(ui.pubPayload.value);
   } catch (err) {
-    payload = err;
+    ui.pubResult.textContent = `the payload is not valid JSON (${err.message}); write a ` +
+      'JSON object, e.g. {"value": 3}';
+    ui.pubResult.classList.add("error");
+    return;
   }
-  if (payload === null || typeof payload !== "object" || Array.isArray(payload) ||
-      payload instanceof Error) {
+  if (payload === null || typeof payload !== "object" || Array.isArray(payload)) {
     ui.pubResult.textContent = 'the payload must be a JSON object, e.g. {"value": 3}';
     ui.pubResult.classList.add("error");
     return;

@@ -307,7 +307,8 @@ def _check_url(url: str) -> tuple[str, str, str, bool]:
     managed = sorted(query_names.intersection(_MANAGED_PARAMS))
     if managed:
         raise ValueError(
-            f"do not put {', '.join(managed)} in the url: pass after= and token= to connect()"
+            f"do not put {', '.join(managed)} in the url: give them apart (connect(after=, "
+            f"token=); trio-events tail --after, --token-env)"
         )
     base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     return base, request.stream_id, parts.query, request.filter is not None
@@ -748,9 +749,11 @@ class Connection:
                 pending.error = _server_error(message)
             pending.done.set()
         elif isinstance(message, Error):
+            # The server sends one before it closes the connection, and the close reports it
+            # (raised for 1008, logged as the drop otherwise): not a second line of its own.
             self._last_error = message
-            logger.warning("stream %s: server error %s: %s", self.stream_id, message.code,
-                           message.message)  # fmt: skip
+            logger.debug("stream %s: server error %s: %s", self.stream_id, message.code,
+                         message.message)  # fmt: skip
         elif isinstance(message, Pong):
             pass
         else:
