@@ -44,7 +44,7 @@ from trio_events.wire.auth import MIN_JWT_SECRET_BYTES
 from trio_events.wire.protocol import Error, ErrorCode, encode_message, parse_stream_request
 from trio_events.wire.server import ServerConfig
 
-FIXTURE = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "openhands"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "openhands"
 SECRET = "ghp_SECRETVALUE123"
 
 

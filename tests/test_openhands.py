@@ -1,7 +1,7 @@
 """OpenHands compatibility: the event-dict mapping, `OpenHandsStore`, import and export.
 
-Tested against real OpenHands data in ../shared/fixtures/openhands (read-only: copied to a
-temporary directory before anything could write to it).
+Tested against real OpenHands data in tests/fixtures/openhands (its README says what it holds;
+read-only: copied to a temporary directory before anything could write to it).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from trio_events.store import openhands as store_module
 from trio_events.store.log import LogStore
 from trio_events.store.openhands import EPOCH_FILE, LOCK_FILE, OpenHandsStore
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "openhands"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openhands"
 CONV_ROOT = FIXTURES / "conversation-dir"
 SID = "conv-visible"
 CONV = CONV_ROOT / "sessions" / SID
