@@ -634,6 +634,7 @@ def test_serve_refuses_an_unusable_store_in_one_line_without_its_password(
         (["--store", "redis://h/0", "--outage-timeout", "-1"], "--outage-timeout must be a"),
         (["--memory", "--replicas", "1"], "--replicas: only with --store"),
         (["--memory", "--data-dir", "d"], "--data-dir is the embedded store's: not with"),
+        (["--memory", "--salvage"], "--salvage is the embedded store's: not with"),
         (["--store", "redis://h/0", "--data-dir", "d"], "--data-dir is the embedded store's"),
         (["--port", "74301"], "--port must be 0 (any free port) to 65535, not 74301"),
         (["--port", "-1"], "--port must be 0 (any free port) to 65535, not -1"),
@@ -751,3 +752,13 @@ def test_export_of_a_stream_that_does_not_exist_says_so_and_creates_nothing(
     capsys.readouterr()
     assert main(["export-openhands", "nope", str(tmp_path / "out"), "--data-dir", str(data)]) == 1
     assert "(its streams: demo)" in capsys.readouterr().err
+
+
+async def test_serve_salvage_opens_the_log_store_with_salvage(tmp_path: Path) -> None:
+    from trio_events.cli import _parser, _serve_store
+
+    for flags, salvage in ((["--salvage"], True), ([], False)):
+        args = _parser().parse_args(["serve", "--data-dir", str(tmp_path), *flags])
+        async with _serve_store(args) as (store, _):
+            assert isinstance(store, te.LogStore)
+            assert store.salvage is salvage

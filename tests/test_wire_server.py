@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -628,3 +629,34 @@ async def test_publish_refused_by_the_stream_is_bad_request_and_the_connection_s
                 assert "cause" in msg["message"]
                 await send(ws, {"op": "ping", "req": 1})
                 assert await recv(ws) == {"op": "pong", "req": 1}
+
+
+async def test_a_stream_whose_files_are_damaged_is_one_log_line_and_1011_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store_dir = tmp_path / "data"
+    async with te.open_event_stream("s", store=te.LogStore(store_dir, durability="none")) as s:
+        for n in range(10):
+            await s.publish({"n": n}, source="user", type="t")
+    (segment,) = (store_dir / "streams" / "s").glob("*.seg")
+    for index in (store_dir / "streams" / "s").glob("*.idx"):
+        index.unlink()  # as after a crash: the next open scans the segment
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0x40  # in the middle, valid records after it
+    segment.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO, logger="trio_events")
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub(store=te.LogStore(store_dir)) as hub, running(hub) as server:
+            async with open_websocket_url(server.url()) as ws:
+                error = await recv(ws)
+                assert (error["op"], error["code"]) == ("error", "internal")
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.get_message()
+                assert info.value.reason is not None
+                assert info.value.reason.code == 1011
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        "cannot open the stream" in line and "corrupt at byte offset" in line for line in lines
+    )
+    assert not any("unexpected error" in line for line in lines)
+    assert not any(r.exc_info for r in caplog.records if r.name == "trio_events.wire.server")

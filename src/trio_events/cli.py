@@ -365,7 +365,9 @@ async def _serve_store(args: argparse.Namespace) -> AsyncIterator[tuple[EventSto
             waits = f", waiting for {args.replicas} replica(s)" if args.replicas else ""
             yield redis_store, f"Redis at {safe_url(url)}, key prefix {prefix!r}{waits}"
         return
-    store: EventStore = MemoryStore() if args.memory else LogStore(args.data_dir)
+    store: EventStore = (
+        MemoryStore() if args.memory else LogStore(args.data_dir, salvage=args.salvage)
+    )
     try:
         yield store, "memory" if args.memory else args.data_dir
     finally:
@@ -672,6 +674,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--memory", action="store_true", help="keep streams in memory only")
     serve.add_argument(
+        "--salvage",
+        action="store_true",
+        help="open streams whose files are damaged in the middle: keep the valid events, move "
+        "the rest aside, and give the stream a new epoch (docs/storage.md, Recovery)",
+    )
+    serve.add_argument(
         "--store",
         metavar="URL",
         help="keep streams in Redis Streams, shared with other serve processes: "
@@ -848,6 +856,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--memory and --store/--store-env: choose one store")
             if args.data_dir is not None and (args.memory or args.store or args.store_env):
                 parser.error("--data-dir is the embedded store's: not with --memory or --store")
+            if args.salvage and (args.memory or args.store or args.store_env):
+                parser.error("--salvage is the embedded store's: not with --memory or --store")
             if args.data_dir is None:
                 args.data_dir = DEFAULT_DATA_DIR
             if not 0 <= args.port <= 65535:

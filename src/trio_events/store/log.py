@@ -914,7 +914,8 @@ class LogStreamLog:
                 raise HistoryTruncated(low, self._first_id) from None
             missing = exc.filename if exc.filename is not None else plan[0][0].path
             raise CorruptLogError(
-                missing, 0, "segment file is missing; restore it or open with salvage=True"
+                missing, 0, "segment file is missing; restore it or open with salvage=True "
+                "(trio-events serve --salvage)"
             ) from None
 
     def _plan(self, low: int, high: int) -> _Plan:
@@ -1188,8 +1189,8 @@ def _index_sealed(path: Path, first_id: int, last_id: int, data: bytes | None = 
             path,
             offset,
             f"a sealed segment must hold whole batches of events {first_id}..{last_id} but only "
-            f"{first_id}..{scan.last_id} are valid; open the store with salvage=True to keep "
-            f"the valid prefix and move the rest aside",
+            f"{first_id}..{scan.last_id} are valid; open the store with salvage=True "
+            f"(trio-events serve --salvage) to keep the valid prefix and move the rest aside",
         )
     if scan.last_id != last_id:
         raise CorruptLogError(
@@ -1486,7 +1487,8 @@ class LogStore:
                     scan.bad_offset,
                     f"damaged record in the middle of the segment (valid records follow at "
                     f"offset {scan.resumes_at}); events up to {scan.last_id} are intact. Open "
-                    f"the store with salvage=True to keep them and move the rest aside",
+                    f"the store with salvage=True (trio-events serve --salvage) to keep them "
+                    f"and move the rest aside",
                 )
             remove_stale()
             if not scan.clean:

@@ -72,6 +72,7 @@ from trio_websocket import (
 
 from .._checks import check_int
 from ..errors import (
+    CorruptLogError,
     EventEncodeError,
     EventTooLarge,
     HistoryTruncated,
@@ -952,6 +953,15 @@ class _Connection:
             self.finish(CloseCode.GOING_AWAY, "server shutting down")
         except* TooManyStreams:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
+        except* CorruptLogError as group:
+            # Damaged files: the operator's to repair (or salvage); one plain line, no traceback.
+            logger.error(
+                "ws stream=%s client=%s: cannot open the stream: %s",
+                self.request.stream_id,
+                self.client,
+                _first_leaf(group),
+            )
+            self.finish(CloseCode.INTERNAL, "the stream's stored history is damaged")
         except* StreamLocked as group:
             # Another process writes this stream (a second server on the same data directory):
             # a deployment mistake to report plainly, not an internal error with a traceback.
