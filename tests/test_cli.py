@@ -305,9 +305,33 @@ async def test_publish_prints_the_id_and_the_event_is_stored(tmp_path: Path) -> 
     ]
 
 
+async def test_publish_reads_a_large_payload_from_a_file_or_standard_input(tmp_path: Path) -> None:
+    big = {"content": "x" * 300_000}  # over what a command line takes
+    (tmp_path / "p.json").write_bytes(orjson.dumps(big))
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub) as server:
+            url = server.url()
+            from_file = await cli("publish", url, "--type", "t", "--payload", f"@{tmp_path}/p.json")
+            command = [sys.executable, "-m", "trio_events.cli", "publish", url, "--type", "t"]
+            from_stdin = await trio.run_process(
+                [*command, "--payload", "-"],
+                stdin=orjson.dumps(big),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=_env(),
+            )
+            async with hub.stream("s") as stream:
+                stored = [e.payload async for e in stream.search_events()]
+    assert (from_file.returncode, from_file.stdout) == (0, b"0\n")
+    assert (from_stdin.returncode, from_stdin.stdout) == (0, b"1\n")
+    assert stored == [big, big]
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
+        ("@/nonexistent/p.json", "argument --payload: cannot read /nonexistent/p.json: No such"),
         ('{"a": ', "argument --payload: not valid JSON"),
         ("[1, 2]", "argument --payload: must be a JSON object, not an array"),
         ("3", 'must be a JSON object, not a number: wrap the value, e.g. {"value": 3}'),

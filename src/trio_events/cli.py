@@ -509,6 +509,16 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def _payload(text: str) -> dict[str, Any]:
+    """The ``--payload`` argument: JSON, or ``@PATH`` (a file's JSON) or ``-`` (standard input),
+    for payloads too large for a command line."""
+    if text == "-" or text.startswith("@"):
+        where = "standard input" if text == "-" else text[1:]
+        try:
+            # Read before the command's event loop starts: a blocking read is fine here.
+            text = sys.stdin.read() if text == "-" else Path(where).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise argparse.ArgumentTypeError(f"cannot read {where}: {reason}") from None
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -782,7 +792,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_payload,
         required=True,
         metavar="JSON",
-        help='the payload, a JSON object, e.g. \'{"content": "hi"}\'',
+        help='the payload, a JSON object, e.g. \'{"content": "hi"}\'; @PATH reads it from a '
+        "file, - from standard input",
     )
     pub.add_argument(
         "--source",
