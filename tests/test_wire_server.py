@@ -660,3 +660,22 @@ async def test_a_stream_whose_files_are_damaged_is_one_log_line_and_1011_not_a_t
     )
     assert not any("unexpected error" in line for line in lines)
     assert not any(r.exc_info for r in caplog.records if r.name == "trio_events.wire.server")
+
+
+async def test_a_stream_another_writer_holds_is_one_log_line_and_1013(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_events")
+    with trio.fail_after(TIMEOUT):
+        # Another writer (here another store on the directory; in production, another process).
+        async with te.open_event_stream("s", store=te.LogStore(tmp_path)):
+            async with te.open_event_hub(store=te.LogStore(tmp_path)) as hub:
+                async with running(hub) as server, open_websocket_url(server.url()) as ws:
+                    with pytest.raises(ConnectionClosed) as info:
+                        await ws.get_message()
+    assert info.value.reason is not None
+    assert info.value.reason.code == 1013
+    assert "open in another process" in (info.value.reason.reason or "")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("cannot open the stream" in line and "already open" in line for line in lines)
+    assert not any("unexpected error" in line for line in lines)

@@ -914,8 +914,10 @@ class LogStreamLog:
                 raise HistoryTruncated(low, self._first_id) from None
             missing = exc.filename if exc.filename is not None else plan[0][0].path
             raise CorruptLogError(
-                missing, 0, "segment file is missing; restore it or open with salvage=True "
-                "(trio-events serve --salvage)"
+                missing,
+                0,
+                "segment file is missing; restore it or open with salvage=True "
+                "(trio-events serve --salvage)",
             ) from None
 
     def _plan(self, low: int, high: int) -> _Plan:

@@ -913,6 +913,17 @@ class _Connection:
         text = "closed" if reason is None else f"closed: {reason.name} {reason.reason or ''!r}"
         self.finish(code, text.strip())
 
+    def cannot_open(self, group: BaseExceptionGroup[Exception], code: int, reason: str) -> None:
+        """The stream cannot be opened for a reason the operator must see, and no bug: one
+        plain log line (not an unexpected error with a traceback), and close with `code`."""
+        logger.error(
+            "ws stream=%s client=%s: cannot open the stream: %s",
+            self.request.stream_id,
+            self.client,
+            _first_leaf(group),
+        )
+        self.finish(code, reason)
+
     def fail(self) -> None:
         """An unexpected error: log it (with its traceback) and close 1011.
 
@@ -954,24 +965,13 @@ class _Connection:
         except* TooManyStreams:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
         except* CorruptLogError as group:
-            # Damaged files: the operator's to repair (or salvage); one plain line, no traceback.
-            logger.error(
-                "ws stream=%s client=%s: cannot open the stream: %s",
-                self.request.stream_id,
-                self.client,
-                _first_leaf(group),
-            )
-            self.finish(CloseCode.INTERNAL, "the stream's stored history is damaged")
+            # Damaged files: the operator's to repair (or salvage).
+            self.cannot_open(group, CloseCode.INTERNAL, "the stream's stored history is damaged")
         except* StreamLocked as group:
-            # Another process writes this stream (a second server on the same data directory):
-            # a deployment mistake to report plainly, not an internal error with a traceback.
-            logger.error(
-                "ws stream=%s client=%s: cannot open the stream: %s",
-                self.request.stream_id,
-                self.client,
-                _first_leaf(group),
+            # Another process writes this stream (a second server on the same data directory).
+            self.cannot_open(
+                group, CloseCode.OVERLOADED, "the stream is open in another process; retry later"
             )
-            self.finish(CloseCode.OVERLOADED, "the stream is open in another process; retry later")
         except* ConnectionClosed as group:
             self.finish_closed(_first_leaf(group))
         except* Exception:
