@@ -378,6 +378,7 @@ class Connection:
         self._send_lock = trio.Lock()
         self._leaving: trio.Event | None = None  # set by `_leave` once the close is done
         self._reader_scope = trio.CancelScope(shield=True)
+        self._session_over = trio.Event()  # set when the current connection's session ends
         self._last_heard = 0.0  # when the current connection last received anything
         self._awaiting_server = False  # True while the reader waits for the server's next frame
         self._dead: WebSocketConnection | None = None  # a connection given up for silence
@@ -435,9 +436,12 @@ class Connection:
                     raise NotConnected(f"the connection is finished: {self._end_reason()}")
                 await self._connected.wait()
                 ws = self._ws
-                if ws is None or ws.closed is not None:
-                    # Closed, and the reader has yet to notice: wait for the next connection.
-                    await trio.lowlevel.checkpoint()
+                if ws is None:
+                    continue
+                if ws.closed is not None:
+                    # Closed, and the reader has yet to notice: wait for it to, then for the
+                    # next connection (not a busy loop: the reader may be waiting for room).
+                    await self._session_over.wait()
                     continue
                 pending = _Pending(self._generation)
                 self._pending[req] = pending
@@ -656,6 +660,7 @@ class Connection:
             self._last_heard = trio.current_time()
             self.connections += 1
             self._generation += 1
+            self._session_over = trio.Event()
             self._ws = ws
             self._connected.set()
             self._ready.set()
@@ -671,6 +676,7 @@ class Connection:
             finally:
                 self._ws = None
                 self._connected = trio.Event()
+                self._session_over.set()
                 self._fail_pending(None)
 
     @staticmethod
