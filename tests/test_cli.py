@@ -786,3 +786,21 @@ async def test_serve_salvage_opens_the_log_store_with_salvage(tmp_path: Path) ->
         async with _serve_store(args) as (store, _):
             assert isinstance(store, te.LogStore)
             assert store.salvage is salvage
+
+
+async def test_a_second_serve_on_the_same_data_directory_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    data = str(tmp_path / "data")
+    with trio.fail_after(TIMEOUT):
+        async with started("serve", "--port", "0", "--data-dir", data) as (process, out):
+            assert (await out.readline()).startswith("serving streams on ws://")
+            second = await cli("serve", "--port", "0", "--data-dir", data)
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    assert second.returncode == 1
+    assert second.stdout == b""
+    assert second.stderr.decode().strip() == (
+        f"trio-events serve: {data} is already served by another trio-events serve; stop that "
+        f"one, or serve another --data-dir"
+    )

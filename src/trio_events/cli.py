@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import ipaddress
 import logging
 import math
@@ -40,7 +41,7 @@ import trio
 
 from . import __version__
 from ._urls import safe_url
-from .errors import TrioEventsError
+from .errors import StreamLocked, TrioEventsError
 from .events import Event, EventSource, PayloadRegistry, encode_event
 from .filters import EventFilter
 from .hub import open_event_hub
@@ -365,13 +366,48 @@ async def _serve_store(args: argparse.Namespace) -> AsyncIterator[tuple[EventSto
             waits = f", waiting for {args.replicas} replica(s)" if args.replicas else ""
             yield redis_store, f"Redis at {safe_url(url)}, key prefix {prefix!r}{waits}"
         return
-    store: EventStore = (
-        MemoryStore() if args.memory else LogStore(args.data_dir, salvage=args.salvage)
-    )
+    if args.memory:
+        memory = MemoryStore()
+        try:
+            yield memory, "memory"
+        finally:
+            await memory.aclose()
+        return
+    lock = await trio.to_thread.run_sync(_lock_for_serving, Path(args.data_dir))
+    store = LogStore(args.data_dir, salvage=args.salvage)
     try:
-        yield store, "memory" if args.memory else args.data_dir
+        yield store, args.data_dir
     finally:
-        await store.aclose()
+        try:
+            await store.aclose()
+        finally:
+            os.close(lock)
+
+
+#: In a data directory: locked by the `serve` that serves it, so that a second one is refused.
+_SERVE_LOCK = "serve.lock"
+
+
+def _lock_for_serving(data_dir: Path) -> int:
+    """Lock `data_dir` for this process's ``serve`` (in a worker thread); the locked fd.
+
+    Two servers on one directory would each open streams the other holds, and their clients
+    would be refused one by one; refusing the second server at start is clearer. The lock is a
+    POSIX record lock, dropped by the kernel however the process ends.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / _SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise StreamLocked(
+                f"{data_dir} is already served by another trio-events serve; stop that one, or "
+                f"serve another --data-dir"
+            ) from None
+        raise
+    return fd
 
 
 def _scheme(url: str) -> str:
