@@ -461,6 +461,10 @@ def test_a_plot_into_a_missing_directory_is_refused_before_measuring(
         cli_main(["bench", "sweep", "--plot", str(tmp_path / "no" / "x.png")])
     assert exit_info.value.code == 2
     assert f"no directory {tmp_path / 'no'} to write the chart into" in capsys.readouterr().err
+    for not_a_png in (tmp_path, tmp_path / "chart"):  # matplotlib would write elsewhere
+        with pytest.raises(SystemExit):
+            cli_main(["bench", "sweep", "--plot", str(not_a_png)])
+        assert "name the PNG file to write, such as sweep.png" in capsys.readouterr().err
 
 
 async def test_ctrl_c_stops_a_sweep_and_still_prints_what_was_measured(tmp_path: Path) -> None:

@@ -539,10 +539,21 @@ async def test_a_stream_is_open_once_at_a_time_on_a_store() -> None:
         await again.aclose()
 
 
-async def test_a_bad_database_in_the_url_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"the database of a Redis URL is a number.*not 'abc'"):
-        async with te.open_redis_store("redis://127.0.0.1:6379/abc"):
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("redis://127.0.0.1:6379/abc", "abc"),
+        ("redis://127.0.0.1:6379/²", "²"),  # a digit to str.isdigit, not to Redis
+        ("redis://127.0.0.1:6379?db=abc", "abc"),
+    ],
+)
+async def test_a_database_that_is_not_a_number_is_a_value_error(url: str, database: str) -> None:
+    with pytest.raises(ValueError, match=rf"the database of a Redis URL is a number.*'{database}'"):
+        async with te.open_redis_store(url):
             pass  # pragma: no cover
+
+
+async def test_a_database_redis_refuses_is_a_clear_store_error() -> None:
     with trio.fail_after(20), pytest.raises(te.StoreError, match="DB index is out of range"):
         async with te.open_redis_store("redis://127.0.0.1:6379/99999"):
             pass  # pragma: no cover

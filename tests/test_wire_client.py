@@ -806,3 +806,42 @@ async def test_a_publish_over_the_servers_frame_limit_is_too_large_not_outcome_u
                     await conn.publish({"x": "y" * 3000}, source="user", type="t")
             async with hub.stream("s") as stream:
                 assert stream.get_latest_event_id() == -1  # refused: certainly not stored
+
+
+async def test_a_publish_that_sent_nothing_before_the_close_is_not_connected_not_unknown() -> None:
+    attempts = 0
+    accepted: list[WebSocketConnection] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        nonlocal attempts
+        attempts += 1
+        ws = await request.accept()
+        if attempts == 1:
+            accepted.append(ws)
+            await hello(ws)
+        await trio.sleep_forever()  # a reconnect gets no hello
+
+    with trio.fail_after(TIMEOUT):
+        async with tiny_server(handler) as port, trio.open_nursery() as nursery:
+            url = f"ws://127.0.0.1:{port}/v1/streams/s"
+            async with connect(url, publish_timeout=1.0, backoff=FAST) as conn:
+                outcome: list[BaseException] = []
+                waiting, done = trio.Event(), trio.Event()
+
+                async def publisher() -> None:
+                    waiting.set()
+                    with pytest.raises((NotConnected, PublishOutcomeUnknown)) as info:
+                        await conn.publish({}, source="user", type="t")
+                    outcome.append(info.value)
+                    done.set()
+
+                # Another send holds the lock (a large frame, say) when the server closes.
+                async with conn._send_lock:
+                    nursery.start_soon(publisher)
+                    await waiting.wait()
+                    await trio.testing.wait_all_tasks_blocked()
+                    await accepted[0].aclose(1001, "going away")
+                    await trio.testing.wait_all_tasks_blocked()
+                await done.wait()  # when the publish_timeout runs out
+            assert isinstance(outcome[0], NotConnected), outcome  # nothing was sent
+            nursery.cancel_scope.cancel()

@@ -257,7 +257,10 @@ def _run_sweep(
             check_plot_available()  # before minutes of measuring, not after
         except PlotUnavailable as exc:
             parser.error(f"--plot: {exc}")
-        folder = Path(args.plot).resolve().parent
+        chart = Path(args.plot)
+        if chart.suffix.lower() != ".png" or chart.is_dir():
+            parser.error(f"--plot {args.plot}: name the PNG file to write, such as sweep.png")
+        folder = chart.resolve().parent
         if not folder.is_dir():
             parser.error(f"--plot {args.plot}: no directory {folder} to write the chart into")
     durability_grid = args.durabilities is not None or args.publisher_counts is not None

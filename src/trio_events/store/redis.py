@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import coredis
 import coredis.exceptions
@@ -53,6 +54,8 @@ DEFAULT_KEY_PREFIX = "trio-events:"
 DEFAULT_OUTAGE_TIMEOUT = 10.0
 _BLOCK_MS = 2000
 _MAX_BACKOFF = 1.0
+#: A Redis URL's database number: ASCII digits only (`str.isdigit` would take "²").
+_DATABASE = re.compile(r"[0-9]{1,9}")
 # An attempt gets at least the first (even with no patience) and at most the second.
 _MIN_ATTEMPT_SECONDS = 1.0
 _ATTEMPT_SECONDS = 5.0
@@ -874,12 +877,16 @@ async def open_redis_store(
         raise ValueError(
             f"a Redis URL looks like redis://host:6379/0 (or rediss://, unix://), not {shown!r}"
         )
-    database = urlsplit(url).path.strip("/") if url.startswith(("redis://", "rediss://")) else ""
-    if database and not database.isdigit():
-        raise ValueError(
-            f"the database of a Redis URL is a number, as in redis://host:6379/0, not "
-            f"{database!r} (in {safe_url(url)})"
-        )
+    parts = urlsplit(url)
+    databases = parse_qs(parts.query).get("db", [])
+    if url.startswith(("redis://", "rediss://")) and parts.path.strip("/"):
+        databases.append(parts.path.strip("/"))
+    for database in databases:
+        if not _DATABASE.fullmatch(database):
+            raise ValueError(
+                f"the database of a Redis URL is a number, as in redis://host:6379/0, not "
+                f"{database!r} (in {safe_url(url)})"
+            )
     options: dict[str, Any] = {
         "decode_responses": False,
         "stream_timeout": _BLOCK_MS / 1000 + 10,

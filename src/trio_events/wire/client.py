@@ -461,6 +461,7 @@ class Connection:
                 if sent:
                     break
                 self._pending.pop(req, None)  # closed while it waited to send: nothing sent
+                pending = None
             await pending.done.wait()
         if pending is None:
             raise NotConnected(f"not connected within {self.publish_timeout:g} s; nothing sent")
