@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import ipaddress
 import logging
 import math
@@ -41,13 +40,13 @@ import trio
 
 from . import __version__
 from ._urls import safe_url
-from .errors import StreamLocked, TrioEventsError
+from .errors import TrioEventsError
 from .events import Event, EventSource, PayloadRegistry, encode_event
 from .filters import EventFilter
 from .hub import open_event_hub
 from .openhands import export_conversation, import_conversation
 from .store.base import EventStore
-from .store.log import LogStore
+from .store.log import LogStore, lock_file
 from .store.memory import MemoryStore
 from .stream import open_event_stream
 from .subscribers import Overflow
@@ -396,18 +395,11 @@ def _lock_for_serving(data_dir: Path) -> int:
     POSIX record lock, dropped by the kernel however the process ends.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / _SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            raise StreamLocked(
-                f"{data_dir} is already served by another trio-events serve; stop that one, or "
-                f"serve another --data-dir"
-            ) from None
-        raise
-    return fd
+    return lock_file(
+        data_dir / _SERVE_LOCK,
+        f"{data_dir} is already served by another trio-events serve; stop that one, or serve "
+        f"another --data-dir",
+    )
 
 
 def _scheme(url: str) -> str:

@@ -61,6 +61,7 @@ __all__ = [
     "SyncLatencySnapshot",
     "decode_record",
     "encode_record",
+    "lock_file",
     "scan_records",
     "segment_header",
 ]
@@ -494,19 +495,30 @@ def _lock_stream(path: Path, what: str) -> tuple[str, int]:
                 f"{what} is already open in this process (by another store on the same "
                 f"directory); a stream has one writer"
             )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                raise StreamLocked(
-                    f"{what} is open in another process (its LOCK file is locked); a stream "
-                    f"has one writer"
-                ) from None
-            raise
+        fd = lock_file(
+            path,
+            f"{what} is open in another process (its LOCK file is locked); a stream has one writer",
+        )
         _LOCKED[key] = fd
         return key, fd
+
+
+def lock_file(path: Path, refusal: str) -> int:
+    """Open `path` (creating it) with an exclusive POSIX record lock; the open fd, whose close
+    releases it. The kernel drops the lock however the process ends (blocking: a worker thread's).
+
+    Raises:
+        StreamLocked: another process holds the lock; `refusal` is the message.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise StreamLocked(refusal) from None
+        raise
+    return fd
 
 
 def _unlock_stream(lock: tuple[str, int]) -> None:
