@@ -487,7 +487,7 @@ _LOCKED_GUARD = threading.Lock()
 
 
 def _lock_stream(path: Path, what: str) -> tuple[str, int]:
-    """Lock a stream's LOCK file for this process, or raise `RuntimeError` saying who has it."""
+    """Lock a stream's LOCK file for this process, or raise `StreamLocked` saying who has it."""
     key = os.path.realpath(path)
     with _LOCKED_GUARD:
         if key in _LOCKED:
