@@ -6,6 +6,11 @@ Scenarios (each on a fresh directory, events of about 200 bytes of JSON):
   commit, so this is bound by the disk's sync latency (also reported: p50/p99 publish latency).
 * **fsync, 16 publishers** -- 16 concurrent tasks each awaiting ``publish``: the writer commits
   whatever is waiting in one batch with one sync (group commit).
+* **fsync, 1 / 16 publishers, no event work (ceiling)** -- what the disk and one Trio loop
+  allow a design like LogStore's at all: the same group commit (the waiting records of a batch
+  appended to one file and synced, one worker-thread hop per batch), but the tasks only queue a
+  ready-made record of the same size as the others' and wait. No events, no validation, no
+  JSON, no router. The rows above cannot beat these; they show what the store's own work costs.
 * **fsync, 256 publishers** -- the same with 256 tasks: bigger batches per sync.
 * **fsync, publish_many(256)** -- one task publishing batches of 256.
 * **none, 1 / 16 publishers** -- ``durability="none"``: written to the OS, never synced.
@@ -48,7 +53,7 @@ from typing import Any
 import trio
 
 import trio_events as te
-from trio_events.store.log import LogStore
+from trio_events.store.log import LogStore, frame_batch
 from trio_events.store.openhands import OpenHandsStore
 
 
@@ -61,6 +66,13 @@ def make_store(kind: str, path: Path, durability: str) -> te.EventStore:
 
 
 PAYLOAD = {"content": "x" * 120, "tool": "bash", "exit_code": 0}
+# What LogStore stores for one of them (the ceiling rows write records of this size).
+EVENT_JSON = (
+    b'{"id":1000,"timestamp":"2026-11-26T00:00:00.000000+00:00","source":"agent","type":"b",'
+    b'"cause":null,"hidden":false,"payload":'
+    + json.dumps(PAYLOAD, separators=(",", ":")).encode()
+    + b"}"
+)
 
 
 @dataclass
@@ -74,6 +86,12 @@ class Result:
     openhands_rate: float | None = None
 
 
+def _shares(events: int, tasks: int) -> list[int]:
+    """`events` split over `tasks` as evenly as can be (every event is published)."""
+    share, extra = divmod(events, tasks)
+    return [share + (i < extra) for i in range(tasks)]
+
+
 async def publish_run(
     path: Path, durability: str, publishers: int, events: int, batch: int = 1, kind: str = "log"
 ) -> tuple[float, list[float]]:
@@ -81,17 +99,17 @@ async def publish_run(
     store = make_store(kind, path, durability)
     latencies: list[float] = []
     ids: list[int] = []
-    per_task = events // publishers
     async with te.open_event_stream("bench", store=store) as stream:
 
-        async def publisher() -> None:
+        async def publisher(count: int) -> None:
             clock = time.perf_counter
             if batch > 1:
-                for _ in range(per_task // batch):
-                    got = await stream.publish_many([PAYLOAD] * batch, source="agent", type="b")
+                for done in range(0, count, batch):
+                    payloads = [PAYLOAD] * min(batch, count - done)
+                    got = await stream.publish_many(payloads, source="agent", type="b")
                     ids.extend(e.id for e in got)
                 return
-            for _ in range(per_task):
+            for _ in range(count):
                 t0 = clock()
                 event = await stream.publish(PAYLOAD, source="agent", type="b")
                 latencies.append(clock() - t0)
@@ -99,11 +117,76 @@ async def publish_run(
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            for _ in range(publishers):
-                nursery.start_soon(publisher)
+            for count in _shares(events, publishers):
+                nursery.start_soon(publisher, count)
         elapsed = time.perf_counter() - start
-    if sorted(ids) != list(range(len(ids))):
-        raise AssertionError("acknowledged ids are not dense")
+    if sorted(ids) != list(range(events)):
+        raise AssertionError(f"acknowledged ids are not 0..{events - 1}, each once")
+    return elapsed, latencies
+
+
+async def ceiling_run(
+    path: Path, writers: int, events: int, kind: str = "log"
+) -> tuple[float, list[float]]:
+    """Group commit with no event work: `writers` tasks each queue a ready-made record and wait
+    until a worker thread has appended and synced its batch (one hop per batch, as LogStore's
+    appends). Returns the elapsed seconds and per-record latencies."""
+    record, _ = frame_batch(0, [b'{"id":0,' + b"x" * (len(EVENT_JSON) - 8)], 0)
+    token = trio.lowlevel.current_trio_token()
+    queue: list[trio.lowlevel.Task] = []
+    parked: list[trio.lowlevel.Task] = []  # the writer, while nothing is queued
+    latencies: list[float] = []
+    fd = os.open(path / "segment", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    offset = 0
+
+    def write_and_sync(data: bytes, at: int) -> None:
+        os.pwrite(fd, data, at)
+        os.fdatasync(fd)
+
+    async def writer() -> None:
+        nonlocal queue, offset
+        me = trio.lowlevel.current_task()
+
+        def deliver(result: Any) -> None:
+            token.run_sync_soon(trio.lowlevel.reschedule, me, result)
+
+        while True:
+            if not queue:
+                parked.append(me)
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                continue
+            await trio.lowlevel.checkpoint()  # as the stream's writer: one yield per batch
+            batch, queue = queue, []
+            data = record * len(batch)
+            trio.lowlevel.start_thread_soon(partial(write_and_sync, data, offset), deliver)
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+            offset += len(data)
+            for task in batch:
+                trio.lowlevel.reschedule(task)
+
+    async def publisher(count: int) -> None:
+        clock = time.perf_counter
+        for _ in range(count):
+            t0 = clock()
+            queue.append(trio.lowlevel.current_task())
+            if parked:
+                trio.lowlevel.reschedule(parked.pop())
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+            latencies.append(clock() - t0)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            start = time.perf_counter()
+            async with trio.open_nursery() as publishers:
+                for count in _shares(events, writers):
+                    publishers.start_soon(publisher, count)
+            elapsed = time.perf_counter() - start
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+    if offset != len(record) * events or len(latencies) != events:
+        raise AssertionError("the ceiling run did not write every record")
     return elapsed, latencies
 
 
@@ -178,7 +261,11 @@ def run(args: argparse.Namespace) -> list[Result]:
         return Path(tempfile.mkdtemp(dir=base))
 
     def measure(
-        name: str, events: int, fn: Callable[[Path], Any], note: Callable[[Any], str]
+        name: str,
+        events: int,
+        fn: Callable[[Path], Any],
+        note: Callable[[Any], str],
+        baseline: bool = True,
     ) -> None:
         if args.only is not None and args.only not in name:
             return
@@ -190,7 +277,7 @@ def run(args: argparse.Namespace) -> list[Result]:
 
         elapsed, last = median_seconds("log")
         result = Result(name, events, elapsed, events / elapsed, note(last))
-        if not args.skip_openhands:
+        if baseline and not args.skip_openhands:
             result.openhands_rate = events / median_seconds("openhands")[0]
         results.append(result)
         print(f"  {name}: {result.rate:,.0f} events/s", file=sys.stderr, flush=True)
@@ -213,6 +300,16 @@ def run(args: argparse.Namespace) -> list[Result]:
         measure(
             "fsync, 16 publishers", n16, partial(publish_run, durability="fsync", publishers=16,
                                                  events=n16), latency_note,
+        )  # fmt: skip
+        measure(
+            "fsync, 1 publisher, no event work (ceiling)", n1, partial(ceiling_run, writers=1,
+                                                                      events=n1),
+            latency_note, baseline=False,
+        )  # fmt: skip
+        measure(
+            "fsync, 16 publishers, no event work (ceiling)", n16, partial(ceiling_run,
+                                                                         writers=16, events=n16),
+            latency_note, baseline=False,
         )  # fmt: skip
         measure(
             "fsync, 256 publishers", n16 * 2, partial(publish_run, durability="fsync",
