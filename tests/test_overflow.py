@@ -12,6 +12,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -471,6 +472,190 @@ async def test_a_block_callback_publishing_to_its_own_stream_is_refused_not_dead
     message = str(refused[0])
     assert "the callback of BLOCK subscriber agent/c publishes to its own stream 's'" in message
     assert "Overflow.CATCH_UP" in message
+
+
+async def _flood(stream: te.EventStream, n: int) -> None:
+    """Publish `n` events one by one: one batch each, so the router's channel fills."""
+    for i in range(n):
+        await stream.publish({"i": i}, source=AGENT, type="flood")
+
+
+async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is_refused() -> None:
+    # The task iterating a full BLOCK subscription publishes while the router waits for it and
+    # the writer for the router: the publish could never be stored. It raises, and the stream
+    # goes on once the task takes events again.
+    n = 40
+    refused: list[RuntimeError] = []
+    received: list[int] = []
+    stalled, go, finished = trio.Event(), trio.Event(), trio.Event()
+    async with open_stream() as (stream, nursery):
+        async with stream.subscription(buffer=1, overflow=te.Overflow.BLOCK) as sub:
+
+            async def agent() -> None:
+                async for event in sub:
+                    received.append(event.id)
+                    if event.id == 0:
+                        stalled.set()
+                        await go.wait()
+                        try:
+                            await stream.publish({}, source=AGENT, type="answer")
+                        except RuntimeError as exc:
+                            refused.append(exc)
+                    if event.id == n - 1:
+                        finished.set()
+                        return
+
+            nursery.start_soon(agent)
+            nursery.start_soon(_flood, stream, n)
+            await stalled.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream.get_latest_event_id() < n - 1  # the flood is held up: BLOCK
+            go.set()
+            with trio.fail_after(10):
+                await finished.wait()
+        assert received == list(range(n))
+        assert stream.get_latest_event_id() == n - 1  # the refused answer was not stored
+    assert len(refused) == 1
+    message = str(refused[0])
+    assert "iterates BLOCK subscription subscription/iter-0 of stream 'overflow'" in message
+    assert "Nothing was published" in message
+
+
+async def test_a_queued_publish_fails_when_the_router_reaches_the_full_subscription() -> None:
+    # The task's publish is queued while the router waits on another subscriber and the writer
+    # for the router. When that subscriber makes room, the router goes on, in the same batch,
+    # to this task's full subscription: the cycle forms there, and the publish fails.
+    batches = 20
+    last = 2 * batches
+    refused: list[RuntimeError] = []
+    received: list[int] = []
+    taken, go, release, finished = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+    async with open_stream() as (stream, nursery):
+        async with (
+            stream.subscription(buffer=2, overflow="block", subscriber_id="slow") as slow,
+            stream.subscription(buffer=1, overflow="block", subscriber_id="agent") as mine,
+        ):
+
+            async def slow_reader() -> None:
+                await release.wait()
+                async for event in slow:
+                    if event.id == last:
+                        return
+
+            async def agent() -> None:
+                async for event in mine:
+                    received.append(event.id)
+                    if event.id == 0:
+                        taken.set()
+                        await go.wait()
+                        try:
+                            await stream.publish({}, source=AGENT, type="answer")
+                        except RuntimeError as exc:
+                            refused.append(exc)
+                    if event.id == last:
+                        finished.set()
+                        return
+
+            async def flood_in_pairs() -> None:
+                for _ in range(batches):
+                    await stream.publish_many([{}, {}], source=AGENT, type="flood")
+
+            nursery.start_soon(slow_reader)
+            nursery.start_soon(agent)
+            await stream.publish({}, source=AGENT, type="flood")
+            await taken.wait()
+            nursery.start_soon(flood_in_pairs)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not refused  # the router waits on "slow", whose task does not publish
+            release.set()
+            with trio.fail_after(10):
+                await finished.wait()
+        assert received == list(range(last + 1))
+        assert stream.get_latest_event_id() == last
+    assert len(refused) == 1
+    assert "subscription agent/iter-1" in str(refused[0])
+
+
+async def test_a_queued_publish_fails_when_the_writer_starts_waiting_for_the_router() -> None:
+    # The router waits on the task's full subscription; the task's publish is queued behind
+    # others while the writer is busy appending. Once the writer has to wait for the router,
+    # that publish can never be stored, and fails.
+    flood = 20
+    store = GatedStore()
+    refused: list[RuntimeError] = []
+    received: list[int] = []
+    taken, go, finished = trio.Event(), trio.Event(), trio.Event()
+    async with (
+        te.open_event_stream("s", store=store, max_batch=1) as stream,
+        trio.open_nursery() as nursery,
+    ):
+        async with stream.subscription(buffer=1, overflow=te.Overflow.BLOCK) as sub:
+
+            async def agent() -> None:
+                async for event in sub:
+                    received.append(event.id)
+                    if event.id == 0:
+                        taken.set()
+                        await go.wait()
+                        try:
+                            await stream.publish({}, source=AGENT, type="answer")
+                        except RuntimeError as exc:
+                            refused.append(exc)
+                    if event.id == flood:
+                        finished.set()
+                        return
+
+            nursery.start_soon(agent)
+            await stream.publish({}, source=AGENT, type="flood")
+            await taken.wait()
+            log = store.logs["s"]
+            log.gate = trio.Event()
+            for _ in range(flood):
+                nursery.start_soon(partial(stream.publish, {}, source=AGENT, type="flood"))
+            await log.waiting.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()  # queued behind the flood: the writer is appending, not waiting
+            await trio.testing.wait_all_tasks_blocked()
+            assert not refused
+            log.gate.set()
+            log.gate = None
+            with trio.fail_after(10):
+                await finished.wait()
+        assert received == list(range(flood + 1))
+        assert stream.get_latest_event_id() == flood
+    assert len(refused) == 1
+
+
+async def test_a_block_subscriptions_task_may_publish_when_nothing_is_stuck() -> None:
+    # The usual agent loop: answer each question on the same stream. The router waits for the
+    # task while it publishes, but the writer does not wait for the router: no refusal.
+    questions = 20
+    async with open_stream() as (stream, nursery):
+        answered = trio.Event()
+        async with stream.subscription(buffer=1, overflow=te.Overflow.BLOCK) as sub:
+
+            async def agent() -> None:
+                answers = 0
+                async for event in sub:
+                    if event.type == "question":
+                        await stream.publish({}, source=AGENT, type="answer", cause=event.id)
+                        answers += 1
+                        if answers == questions:
+                            answered.set()
+
+            nursery.start_soon(agent)
+            with trio.fail_after(10):
+                for _ in range(questions):
+                    await stream.publish({}, source=AGENT, type="question")
+                await answered.wait()
+            answers = [
+                e
+                async for e in stream.search_events(filter=te.EventFilter(include_types=["answer"]))
+            ]
+            assert len(answers) == questions
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_catch_up_callback_may_publish_to_its_own_stream() -> None:

@@ -219,6 +219,11 @@ class EventStream:
         self._publish_buffer = publish_buffer
         self._writer_task: trio.lowlevel.Task | None = None  # while it waits for requests
         self._batches_send, self._batches = trio.open_memory_channel[list[Event]](8)
+        # The two halves of a possible deadlock with a BLOCK subscription's own task (see
+        # `_refuse_deadlocked_publishes`): the subscriber the router waits on, and whether the
+        # writer waits for the router.
+        self._router_blocked_on: _Subscriber | None = None
+        self._writer_blocked = False
         self._last_id = log.last_id
         self._last_timestamp = last_timestamp
         self._dispatched_id_value = log.last_id
@@ -283,6 +288,8 @@ class EventStream:
         self._check_open()
         if _BLOCK_CALLBACK.get() is not None:
             self._refuse_from_block_callback()
+        if self._writer_blocked:
+            self._refuse_if_deadlocked()
         await trio.lowlevel.checkpoint_if_cancelled()
         request = self._enqueue([draft])
         events: list[Event] = await trio.lowlevel.wait_task_rescheduled(request.abort)
@@ -315,6 +322,8 @@ class EventStream:
         self._check_open()
         if _BLOCK_CALLBACK.get() is not None:
             self._refuse_from_block_callback()
+        if self._writer_blocked:
+            self._refuse_if_deadlocked()
         # A publish in an already cancelled scope publishes nothing (Trio's rule: Cancelled
         # means it did not happen); once queued, the event is published even if the wait is
         # cancelled.
@@ -338,6 +347,39 @@ class EventStream:
             f"writer, the writer for the router, and the router for the callback. Subscribe "
             f"with Overflow.CATCH_UP (or DROP_*), or publish from a task of your own"
         )
+
+    def _deadlock_error(self, sub: _Subscriber) -> RuntimeError:
+        return RuntimeError(
+            f"this task iterates BLOCK subscription {sub.subscriber_id}/{sub.callback_id} of "
+            f"stream {self.stream_id!r}, whose buffer is full, and published to the same "
+            f"stream: the router waits for this task to take events, the writer for the "
+            f"router, and the publish for the writer, a deadlock. Nothing was published. "
+            f"Publish from a task of your own, or subscribe with Overflow.CATCH_UP (or DROP_*)"
+        )
+
+    def _refuse_if_deadlocked(self) -> None:
+        """Refuse a publish by the task of the subscription the router waits on, while the
+        writer waits for the router: it would never be stored."""
+        sub = self._router_blocked_on
+        if sub is not None and sub.consumer is trio.lowlevel.current_task():
+            raise self._deadlock_error(sub)
+
+    def _refuse_deadlocked_publishes(self) -> None:
+        """Fail the queued publishes that can no longer be stored: those of the task of the
+        BLOCK subscription the router waits on, once the writer waits for the router too.
+
+        Called when either half of that cycle forms (and `_refuse_if_deadlocked` refuses new
+        publishes while it lasts). Without it, the whole stream would hang.
+        """
+        sub = self._router_blocked_on
+        if sub is None or not self._writer_blocked or sub.consumer is None:
+            return
+        consumer = sub.consumer
+        for room in (self._queue, self._waiting_room):
+            for request in [r for r in room if r.task is consumer]:
+                room.remove(request)
+                request.waiting_room = None
+                request.complete(outcome.Error(self._deadlock_error(sub)))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -551,7 +593,12 @@ class EventStream:
                     try:
                         batches_send.send_nowait(events)
                     except trio.WouldBlock:
-                        await batches_send.send(events)
+                        self._writer_blocked = True
+                        self._refuse_deadlocked_publishes()
+                        try:
+                            await batches_send.send(events)
+                        finally:
+                            self._writer_blocked = False
         finally:
             self._fail_waiting_publishers(pending)
             # Nothing is appended any more: what is left unsynced, closing the log syncs.
@@ -805,7 +852,12 @@ class EventStream:
                     while done < end:  # BLOCK: wait for the consumer to make room
                         for other in fanout:
                             other.wake()
-                        await sub.wait_for_room()
+                        self._router_blocked_on = sub
+                        self._refuse_deadlocked_publishes()
+                        try:
+                            await sub.wait_for_room()
+                        finally:
+                            self._router_blocked_on = None
                         if not sub.live or sub.closed:
                             break
                         done = sub.offer(batch, done)

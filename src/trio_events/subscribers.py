@@ -207,6 +207,7 @@ class _Subscriber:
         "callback_id",
         "catch_ups",
         "closed",
+        "consumer",
         "cursor",
         "delivered",
         "dropped",
@@ -246,6 +247,9 @@ class _Subscriber:
         self.errors = self.restarts = self.catch_ups = self.peak_queue_depth = 0
         self.closed = False
         self._reader: trio.lowlevel.Task | None = None
+        # The task that takes this subscriber's events (an iterator's, or a callback's actor):
+        # the stream refuses its publishes that could never be stored (see `_park`).
+        self.consumer: trio.lowlevel.Task | None = None
         self._router_waiter: trio.lowlevel.Task | None = None
         if after is None:
             # Events published from now on: not those already stored, even if the router has
@@ -398,7 +402,7 @@ class _Subscriber:
     async def _park(self) -> None:
         if self._reader is not None:
             raise trio.BusyResourceError("another task is already reading this subscriber")
-        self._reader = trio.lowlevel.current_task()
+        self._reader = self.consumer = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             self._reader = None
@@ -699,6 +703,7 @@ class Subscription:
         self._sub = sub
 
     def __aiter__(self) -> Subscription:
+        self._sub.consumer = trio.lowlevel.current_task()
         return self
 
     async def __anext__(self) -> Event:
@@ -715,6 +720,7 @@ class Subscription:
         if max_events is not None and (type(max_events) is not int or max_events < 1):
             raise ValueError(f"max_events is None or an integer >= 1, not {max_events!r}")
         sub = self._sub
+        sub.consumer = trio.lowlevel.current_task()
         if not sub.queue and not await sub.fill():
             return []
         batch: list[Event] = []
