@@ -67,7 +67,9 @@ def test_import_then_export_round_trips_and_masks(
     shutil.copytree(FIXTURE / "conversation-dir", root)
     data = tmp_path / "data"
     assert main(["import-openhands", str(root), "conv-visible", "--data-dir", str(data)]) == 0
-    assert "imported 240 events" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == f"imported 240 events into stream 'conv-visible' in {data}\n"
+    assert "importing conv-visible" in err  # the progress bar, on stderr
     out = tmp_path / "out"
     assert main(["export-openhands", "conv-visible", str(out), "--data-dir", str(data)]) == 0
     original = root / "sessions" / "conv-visible" / "events"
@@ -87,7 +89,10 @@ def test_import_then_export_round_trips_and_masks(
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["import-openhands", str(tmp_path), "missing", "--data-dir", str(tmp_path / "d")]
     assert main(args) == 1
-    assert "no OpenHands conversation" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "no OpenHands conversation" in err
+    assert "importing" not in out + err  # no progress bar before the work starts
+    assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit, match="no such environment variable"):
         main([*args, "--secret-env", "TRIO_EVENTS_TEST_UNSET_VARIABLE"])
     with pytest.raises(SystemExit):

@@ -181,16 +181,30 @@ def _secrets_from_env(names: Sequence[str]) -> dict[str, str]:
 
 @contextmanager
 def _progress(description: str) -> Iterator[Callable[[int, int], object]]:
-    """A rich progress bar on stderr, driven by (done, total) callbacks."""
-    from rich.progress import Progress
+    """A rich progress bar on stderr, driven by (done, total) callbacks.
 
-    with Progress(transient=False, redirect_stdout=False) as bar:
-        task = bar.add_task(description, total=None)
+    It is drawn from the first callback on (once the work has started), so that an error found
+    before, such as a missing conversation, is printed alone.
+    """
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    # On stderr: stdout carries the command's result, which scripts read.
+    bar = Progress(console=Console(stderr=True), transient=False, redirect_stdout=False)
+    task: TaskID | None = None
 
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
         yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 def _is_loopback(host: str) -> bool:
