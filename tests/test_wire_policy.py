@@ -3,6 +3,7 @@ and a shutdown that does not wait out the close timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -450,18 +451,77 @@ async def _raw_handshake(port: int) -> tuple[trio.SocketStream, wsproto.WSConnec
             return sock, conn
 
 
+async def _events_until_close(sock: trio.SocketStream, conn: wsproto.WSConnection) -> list[Any]:
+    """Every wsproto event the server sends, up to and including its close frame (which is
+    answered, as a client does)."""
+    seen: list[Any] = []
+    while not any(isinstance(e, wse.CloseConnection) for e in seen):
+        data = await sock.receive_some()
+        assert data, "the server hung up without a close frame"
+        conn.receive_data(data)
+        seen.extend(conn.events())
+    with contextlib.suppress(trio.BrokenResourceError):
+        await sock.send_all(conn.send(seen[-1].response()))
+    return seen
+
+
+async def _next_message(
+    sock: trio.SocketStream, conn: wsproto.WSConnection, op: str
+) -> dict[str, Any]:
+    """Read until the server sends a protocol message with this op, and return it."""
+    while True:
+        for event in conn.events():
+            if isinstance(event, wse.TextMessage):
+                message: dict[str, Any] = orjson.loads(event.data)
+                if message["op"] == op:
+                    return message
+        data = await sock.receive_some()
+        assert data, f"the server hung up before sending {op!r}"
+        conn.receive_data(data)
+
+
+@pytest.mark.parametrize("protocol_pings", [0, 2])
+async def test_websocket_ping_frames_draw_on_the_message_budget(
+    protocol_pings: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The WebSocket layer answers ping frames by itself; the server still counts each one,
+    # with the protocol's pings and refusals, and closes a connection that floods them. The
+    # frames that arrive after its close frame are left unanswered, without an error.
+    config = ServerConfig(message_rate=0.001, message_burst=5)
+    frames = 5 - protocol_pings + 10
+    with server_log(caplog), trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
+            sock, conn = await _raw_handshake(port)
+            async with sock, open_websocket_url(url(port)) as other:
+                await until_caught_up(other)
+                for req in range(protocol_pings):  # answered before the frames are sent
+                    ping = orjson.dumps({"op": "ping", "req": req}).decode()
+                    await sock.send_all(conn.send(wse.TextMessage(ping)))
+                    assert await _next_message(sock, conn, "pong") == {"op": "pong", "req": req}
+                for i in range(frames):
+                    await sock.send_all(conn.send(wse.Ping(b"%d" % i)))
+                seen = await _events_until_close(sock, conn)
+                # Another connection's budget is its own.
+                await other.ping(b"still there")
+                await send(other, {"op": "ping", "req": 1})
+                assert await recv(other) == {"op": "pong", "req": 1}
+    pongs = [bytes(e.payload) for e in seen if isinstance(e, wse.Pong)]
+    assert pongs == [b"%d" % i for i in range(5 - protocol_pings)]
+    texts = [orjson.loads(e.data) for e in seen if isinstance(e, wse.TextMessage)]
+    assert not [m for m in texts if m["op"] in ("pong", "error")]  # the close frame says why
+    close = seen[-1]
+    assert close.code == 1008
+    assert close.reason == "too many pings and refused messages"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 async def test_a_peer_that_does_not_answer_pings_is_closed_after_the_idle_timeout() -> None:
     config = ServerConfig(idle_timeout=1.0)
     with trio.fail_after(TIMEOUT):
         async with te.open_event_hub() as hub, serving(hub, config, auth=None) as (port, _):
             sock, conn = await _raw_handshake(port)
             async with sock:
-                seen: list[object] = []
-                while not any(isinstance(e, wse.CloseConnection) for e in seen):
-                    data = await sock.receive_some()
-                    assert data, "the server hung up without a close frame"
-                    conn.receive_data(data)
-                    seen.extend(conn.events())
+                seen = await _events_until_close(sock, conn)
     kinds = [type(e).__name__ for e in seen]
     assert "Ping" in kinds
     assert kinds.index("Ping") < kinds.index("CloseConnection")

@@ -23,9 +23,10 @@ One connection, as implemented here:
    level) and one ``caught_up``. Concurrently, client frames are read: ``publish`` → ``ack``
    (``forbidden`` without the permission, ``rate_limited`` over ``publish_rate``), ``ping`` →
    ``pong``, a bad frame → ``error`` (the connection stays open), a frame over the size limit
-   → ``error``/``too_large`` and close 1009. Pings and refused messages draw on a budget of
-   their own (``message_rate``, ``message_burst``): a client over it gets
-   ``error``/``rate_limited`` and close 1008, so a flood of them cannot keep the server busy.
+   → ``error``/``too_large`` and close 1009. Pings (``ping`` messages and WebSocket ping
+   frames) and refused messages draw on a budget of their own (``message_rate``,
+   ``message_burst``): a client over it gets close 1008 (after ``error``/``rate_limited`` when
+   there is a message to answer), so a flood of them cannot keep the server busy.
    A WebSocket ping goes out when the client has been silent for half of ``idle_timeout``; no
    answer by ``idle_timeout`` closes with 1001.
 
@@ -63,12 +64,7 @@ import attrs
 import h11
 import trio
 from prometheus_client import generate_latest
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_server_stream,
-)
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from .._checks import check_int
 from ..errors import (
@@ -87,6 +83,7 @@ from ..hub import EventHub
 from ..store.log import LogStore, SyncLatencySnapshot
 from ..stream import EventStream
 from ..subscribers import Overflow
+from ._websocket import ServerConnection, wrap_server_stream
 from .auth import ALLOW_ALL, Authenticator, Grant, Permission
 from .forwarded import client_address, is_trusted_proxy, parse_trusted_proxies
 from .http import (
@@ -215,7 +212,7 @@ class ServerConfig:
             nor one the store failed to take). Over the budget the server sends
             ``error``/``rate_limited`` and closes with 1008: answering each one costs the server
             work, and a client sending them in a loop would otherwise keep it busy. WebSocket
-            ping frames are answered by the WebSocket layer and are not counted.
+            ping frames count too (over the budget, the close comes without an ``error``).
         message_burst: Such messages a connection may send at once before the rate applies.
         trusted_proxies: IP addresses or networks (``"10.0.0.0/8"``) of reverse proxies in
             front of the server. A connection from one of them is taken to be from the client
@@ -482,16 +479,16 @@ class _Site:
     ) -> None:
         """Hand the connection to trio-websocket (the handshake by `deadline`), then serve it."""
         async with trio.open_nursery() as nursery:  # the WebSocket reader's
-            request: WebSocketRequest | None = None
+            opened: tuple[WebSocketRequest, ServerConnection] | None = None
             with trio.move_on_at(deadline):
-                request = await wrap_server_stream(
+                opened = await wrap_server_stream(
                     nursery,
                     _ReplayStream(stream, buffered),
                     # The core checks the exact limit (and answers too_large); the WebSocket
                     # layer only cuts off frames far over it, without buffering them whole.
                     max_message_size=2 * self.config.max_message_bytes,
                 )
-            if request is None:
+            if opened is None:
                 logger.debug("ws client=%s: no complete handshake in time", client)
             else:
                 await _handle_request(
@@ -502,7 +499,7 @@ class _Site:
                     self.counters,
                     address,
                     client,
-                    request,
+                    *opened,
                 )
             # An accepted connection has been closed by `_handle_request`, a refused one has
             # had its response: stop the reader (it would wait for the client to hang up).
@@ -734,11 +731,12 @@ async def _handle_request(
     address: str,
     client: str,
     request: WebSocketRequest,
+    socket: ServerConnection,
 ) -> None:
     """One connection, from the handshake to the close. Never raises (but `Cancelled`).
 
     `address` is the client's IP address (for the per-address limit), `client` its
-    ``address:port`` (for logs).
+    ``address:port`` (for logs); `socket` is the connection `request` accepts into.
     """
     try:
         stream_request = parse_stream_request(request.path, request.headers)
@@ -760,6 +758,7 @@ async def _handle_request(
         return
     counters.http_requests["/v1/streams", 101] += 1
     connection = _Connection(hub, config, auth, ws, stream_request, address, client, counters)
+    socket.on_ping = connection.answer_ping_frame
     refusal = connections.admit(connection)
     try:
         if refusal is not None:
@@ -1239,6 +1238,21 @@ class _Connection:
         await self.send(error)
         self.finish(CloseCode.POLICY, "too many pings and refused messages")
         return True
+
+    def answer_ping_frame(self) -> bool:
+        """Take a WebSocket ping frame, which the WebSocket layer is about to answer, from the
+        budget of pings and refusals; if it is spent, close the connection with 1008 and
+        return False (the pong is not sent).
+
+        Unlike a protocol ``ping``, there is no message to answer with ``error``: the close
+        frame's reason says why.
+        """
+        if self.other_messages.take(trio.current_time()):
+            return True
+        if self.close_code is None:
+            self.note_refused(ErrorCode.RATE_LIMITED)
+        self.finish(CloseCode.POLICY, "too many pings and refused messages")
+        return False
 
     async def _publish(self, stream: EventStream, message: Publish) -> None:
         assert self.grant is not None
