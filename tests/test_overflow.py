@@ -480,7 +480,18 @@ async def _flood(stream: te.EventStream, n: int) -> None:
         await stream.publish({"i": i}, source=AGENT, type="flood")
 
 
-async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is_refused() -> None:
+async def _take(sub: te.Subscription, style: str) -> te.Event:
+    """The next event of `sub`, taken the way `style` names."""
+    if style == "anext":
+        return await anext(sub)
+    (event,) = await sub.receive_batch(max_events=1)
+    return event
+
+
+@pytest.mark.parametrize("style", ["async for", "anext", "receive_batch"])
+async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is_refused(
+    style: str,
+) -> None:
     # The task iterating a full BLOCK subscription publishes while the router waits for it and
     # the writer for the router: the publish could never be stored. It raises, and the stream
     # goes on once the task takes events again.
@@ -491,8 +502,15 @@ async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is
     async with open_stream() as (stream, nursery):
         async with stream.subscription(buffer=1, overflow=te.Overflow.BLOCK) as sub:
 
+            async def events() -> AsyncIterator[te.Event]:
+                if style == "async for":
+                    async for event in sub:
+                        yield event
+                while True:
+                    yield await _take(sub, style)
+
             async def agent() -> None:
-                async for event in sub:
+                async for event in events():
                     received.append(event.id)
                     if event.id == 0:
                         stalled.set()
@@ -505,11 +523,14 @@ async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is
                         finished.set()
                         return
 
+            # Event 0 is queued before the task starts: it never waits for an event.
+            await stream.publish({}, source=AGENT, type="first")
             nursery.start_soon(agent)
-            nursery.start_soon(_flood, stream, n)
             await stalled.wait()
+            nursery.start_soon(_flood, stream, n - 1)
             await trio.testing.wait_all_tasks_blocked()
             assert stream.get_latest_event_id() < n - 1  # the flood is held up: BLOCK
+            assert stream.statistics().router_waiting_for == ("subscription", "iter-0")
             go.set()
             with trio.fail_after(10):
                 await finished.wait()
@@ -626,6 +647,93 @@ async def test_a_queued_publish_fails_when_the_writer_starts_waiting_for_the_rou
         assert received == list(range(flood + 1))
         assert stream.get_latest_event_id() == flood
     assert len(refused) == 1
+
+
+async def test_a_block_subscriptions_task_may_publish_once_it_has_made_room() -> None:
+    # Everything is full (the router waits on the subscription, the writer for the router)
+    # when the task starts answering each event. Taking an event wakes the router, so each
+    # answer can be stored: none may be refused, though the router has not run yet.
+    flood = 11  # one in the subscription, one the router holds, 8 in its channel, one more
+    answered: list[int] = []
+    done = trio.Event()
+    async with open_stream() as (stream, nursery):
+        questions = te.EventFilter(include_types=["question"])
+        async with stream.subscription(buffer=1, overflow="block", filter=questions) as sub:
+            go = trio.Event()
+
+            async def agent() -> None:
+                await go.wait()
+                async for event in sub:
+                    answer = await stream.publish({}, source=AGENT, type="answer", cause=event.id)
+                    answered.append(answer.id)
+                    if len(answered) == flood:
+                        done.set()
+                        return
+
+            nursery.start_soon(agent)
+            for _ in range(flood):
+                await stream.publish({}, source=AGENT, type="question")
+            await trio.testing.wait_all_tasks_blocked()
+            stats = stream.statistics()
+            assert stats.router_waiting_for == ("subscription", "iter-0")
+            assert stats.undispatched_batches == 8  # full: the writer waits for the router
+            go.set()
+            with trio.fail_after(10):
+                await done.wait()
+    assert len(answered) == flood
+
+
+async def test_failing_a_deadlocked_publish_keeps_the_waiting_publishers_order() -> None:
+    # The refused publish leaves a place in the full queue: it goes to the publishers already
+    # waiting for room, in their order, not to the next one to come.
+    store = GatedStore()
+    refused: list[RuntimeError] = []
+    taken, go, resume = trio.Event(), trio.Event(), trio.Event()
+    async with (
+        te.open_event_stream("s", store=store, max_batch=1, publish_buffer=8) as stream,
+        trio.open_nursery() as nursery,
+    ):
+        async with stream.subscription(buffer=1, overflow="block") as sub:
+
+            async def agent() -> None:
+                async for event in sub:
+                    if event.id == 0:
+                        taken.set()
+                        await go.wait()
+                        try:
+                            await stream.publish({}, source=AGENT, type="answer")
+                        except RuntimeError as exc:
+                            refused.append(exc)
+                            await resume.wait()
+
+            async def publish_named(name: str) -> None:
+                await stream.publish({"name": name}, source=AGENT, type="named")
+
+            nursery.start_soon(agent)
+            await stream.publish({}, source=AGENT, type="first")
+            await taken.wait()
+            log = store.logs["s"]
+            log.gate = trio.Event()
+            names = [f"early-{i}" for i in range(14)] + ["agent"] + [f"late-{i}" for i in range(10)]
+            for name in names:
+                if name == "agent":
+                    go.set()  # its publish queues behind the early ones
+                else:
+                    nursery.start_soon(publish_named, name)
+                await trio.testing.wait_all_tasks_blocked()
+            log.gate.set()
+            log.gate = None
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(refused) == 1
+            nursery.start_soon(publish_named, "last")
+            await trio.testing.wait_all_tasks_blocked()
+            resume.set()
+            await trio.testing.wait_all_tasks_blocked()
+            stored = [
+                e.payload["name"]
+                async for e in stream.search_events(filter=te.EventFilter(include_types=["named"]))
+            ]
+    assert stored == [n for n in names if n != "agent"] + ["last"]
 
 
 async def test_a_block_subscriptions_task_may_publish_when_nothing_is_stuck() -> None:

@@ -120,6 +120,10 @@ class StreamStats:
         first_id: The earliest id the store still retains.
         pending_publishes: Publish requests waiting for the writer.
         batches: Batches the writer has appended (``published / batches`` is the mean batch).
+        undispatched_batches: Stored batches waiting for the router (at most 8; at 8, the
+            writer waits for it).
+        router_waiting_for: The ``BLOCK`` subscriber, ``(subscriber_id, callback_id)``, whose
+            full buffer the router waits on, or None.
         subscribers: Per subscriber, keyed by ``(subscriber_id, callback_id)``.
         delivered_total, dropped_total, catch_ups_total, missed_total: The same counters of
             `SubscriberStats` summed over every subscriber this `EventStream` has had, those
@@ -137,6 +141,8 @@ class StreamStats:
     dropped_total: int = 0
     catch_ups_total: int = 0
     missed_total: int = 0
+    undispatched_batches: int = 0
+    router_waiting_for: tuple[str, str] | None = None
 
 
 # A prepared, not yet stored event, validated, masked and encoded by the publisher: source, type
@@ -219,11 +225,9 @@ class EventStream:
         self._publish_buffer = publish_buffer
         self._writer_task: trio.lowlevel.Task | None = None  # while it waits for requests
         self._batches_send, self._batches = trio.open_memory_channel[list[Event]](8)
-        # The two halves of a possible deadlock with a BLOCK subscription's own task (see
-        # `_refuse_deadlocked_publishes`): the subscriber the router waits on, and whether the
-        # writer waits for the router.
+        # The BLOCK subscriber the router last parked on, until it resumes: the one half of a
+        # possible deadlock with that subscriber's own task (see `_deadlocked_subscriber`).
         self._router_blocked_on: _Subscriber | None = None
-        self._writer_blocked = False
         self._last_id = log.last_id
         self._last_timestamp = last_timestamp
         self._dispatched_id_value = log.last_id
@@ -288,7 +292,7 @@ class EventStream:
         self._check_open()
         if _BLOCK_CALLBACK.get() is not None:
             self._refuse_from_block_callback()
-        if self._writer_blocked:
+        if self._router_blocked_on is not None:
             self._refuse_if_deadlocked()
         await trio.lowlevel.checkpoint_if_cancelled()
         request = self._enqueue([draft])
@@ -322,7 +326,7 @@ class EventStream:
         self._check_open()
         if _BLOCK_CALLBACK.get() is not None:
             self._refuse_from_block_callback()
-        if self._writer_blocked:
+        if self._router_blocked_on is not None:
             self._refuse_if_deadlocked()
         # A publish in an already cancelled scope publishes nothing (Trio's rule: Cancelled
         # means it did not happen); once queued, the event is published even if the wait is
@@ -357,22 +361,43 @@ class EventStream:
             f"Publish from a task of your own, or subscribe with Overflow.CATCH_UP (or DROP_*)"
         )
 
-    def _refuse_if_deadlocked(self) -> None:
-        """Refuse a publish by the task of the subscription the router waits on, while the
-        writer waits for the router: it would never be stored."""
+    def _deadlocked_subscriber(
+        self, *, router_parking: bool = False, writer_parking: bool = False
+    ) -> _Subscriber | None:
+        """The BLOCK subscriber whose task's publishes can no longer be stored, or None.
+
+        That is the subscriber the router waits on for room while the writer waits for the
+        router (to hand it a batch): the task would wait for the writer, and the router for the
+        task. The flags say that the router, or the writer, is about to park.
+        """
         sub = self._router_blocked_on
+        if sub is None or sub.consumer is None or self._shared is not None:
+            return None  # with a shared log, the writer never waits for the router
+        if not (router_parking or sub.router_waiting):
+            return None
+        if not (writer_parking or self._batches_send.statistics().tasks_waiting_send):
+            return None
+        return sub
+
+    def _refuse_if_deadlocked(self) -> None:
+        """Refuse a publish that could never be stored (`_deadlocked_subscriber`'s task's)."""
+        sub = self._deadlocked_subscriber()
         if sub is not None and sub.consumer is trio.lowlevel.current_task():
             raise self._deadlock_error(sub)
 
-    def _refuse_deadlocked_publishes(self) -> None:
+    def _refuse_deadlocked_publishes(
+        self, *, router_parking: bool = False, writer_parking: bool = False
+    ) -> None:
         """Fail the queued publishes that can no longer be stored: those of the task of the
-        BLOCK subscription the router waits on, once the writer waits for the router too.
+        BLOCK subscriber the router waits on, once the writer waits for the router too.
 
-        Called when either half of that cycle forms (and `_refuse_if_deadlocked` refuses new
-        publishes while it lasts). Without it, the whole stream would hang.
+        Called as either of them is about to park (and `_refuse_if_deadlocked` refuses new
+        publishes while the cycle lasts). Without it, the whole stream would hang.
         """
-        sub = self._router_blocked_on
-        if sub is None or not self._writer_blocked or sub.consumer is None:
+        sub = self._deadlocked_subscriber(
+            router_parking=router_parking, writer_parking=writer_parking
+        )
+        if sub is None:
             return
         consumer = sub.consumer
         for room in (self._queue, self._waiting_room):
@@ -380,6 +405,7 @@ class EventStream:
                 room.remove(request)
                 request.waiting_room = None
                 request.complete(outcome.Error(self._deadlock_error(sub)))
+        self._admit_waiting()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -593,12 +619,8 @@ class EventStream:
                     try:
                         batches_send.send_nowait(events)
                     except trio.WouldBlock:
-                        self._writer_blocked = True
-                        self._refuse_deadlocked_publishes()
-                        try:
-                            await batches_send.send(events)
-                        finally:
-                            self._writer_blocked = False
+                        self._refuse_deadlocked_publishes(writer_parking=True)
+                        await batches_send.send(events)
         finally:
             self._fail_waiting_publishers(pending)
             # Nothing is appended any more: what is left unsynced, closing the log syncs.
@@ -720,12 +742,17 @@ class EventStream:
             request = queue.popleft()
             pending.append(request)
             count += len(request.drafts)
+        self._admit_waiting()
+        return pending
+
+    def _admit_waiting(self) -> None:
+        """Move waiting publishes into the queue as far as it has room, in arrival order."""
+        queue = self._queue
         waiting = self._waiting_room
         while waiting and len(queue) < self._publish_buffer:
             request = waiting.popleft()
             request.waiting_room = None
             queue.append(request)
-        return pending
 
     def _refuse_waiting(self) -> None:
         """Fail every publish still waiting for room: the stream is closing."""
@@ -853,7 +880,7 @@ class EventStream:
                         for other in fanout:
                             other.wake()
                         self._router_blocked_on = sub
-                        self._refuse_deadlocked_publishes()
+                        self._refuse_deadlocked_publishes(router_parking=True)
                         try:
                             await sub.wait_for_room()
                         finally:
@@ -1163,6 +1190,9 @@ class EventStream:
         subscribers = {key: sub.statistics() for key, sub in self._subscribers.items()}
         current = subscribers.values()
         delivered, dropped, catch_ups, missed = self._departed
+        blocked = self._router_blocked_on
+        if blocked is not None and not blocked.router_waiting:
+            blocked = None  # woken, not yet running
         return StreamStats(
             stream_id=self.stream_id,
             published=self._published,
@@ -1175,6 +1205,10 @@ class EventStream:
             dropped_total=dropped + sum(s.dropped for s in current),
             catch_ups_total=catch_ups + sum(s.catch_ups for s in current),
             missed_total=missed + sum(s.missed for s in current),
+            undispatched_batches=self._batches_send.statistics().current_buffer_used,
+            router_waiting_for=(
+                None if blocked is None else (blocked.subscriber_id, blocked.callback_id)
+            ),
         )
 
     @trio.lowlevel.enable_ki_protection

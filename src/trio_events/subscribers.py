@@ -203,6 +203,7 @@ class _Subscriber:
     __slots__ = (
         "_reader",
         "_router_waiter",
+        "blocks",
         "buffer",
         "callback_id",
         "catch_ups",
@@ -242,13 +243,14 @@ class _Subscriber:
         self.filter = filter
         self.buffer = buffer
         self.overflow = overflow
+        self.blocks = overflow is Overflow.BLOCK
         self.queue: deque[Event] = deque()
         self.delivered = self.dropped = self.missed = self.gaps = 0
         self.errors = self.restarts = self.catch_ups = self.peak_queue_depth = 0
         self.closed = False
         self._reader: trio.lowlevel.Task | None = None
-        # The task that takes this subscriber's events (an iterator's, or a callback's actor):
-        # the stream refuses its publishes that could never be stored (see `_park`).
+        # BLOCK iterators: the task that last took events. The stream refuses its publishes
+        # while the router waits for it and the writer for the router (they would hang).
         self.consumer: trio.lowlevel.Task | None = None
         self._router_waiter: trio.lowlevel.Task | None = None
         if after is None:
@@ -346,6 +348,11 @@ class _Subscriber:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    @property
+    def router_waiting(self) -> bool:
+        """Whether the router is parked on this subscriber's room (``BLOCK``)."""
+        return self._router_waiter is not None
+
     @trio.lowlevel.enable_ki_protection
     def _wake_router(self) -> None:
         task = self._router_waiter
@@ -402,7 +409,7 @@ class _Subscriber:
     async def _park(self) -> None:
         if self._reader is not None:
             raise trio.BusyResourceError("another task is already reading this subscriber")
-        self._reader = self.consumer = trio.lowlevel.current_task()
+        self._reader = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             self._reader = None
@@ -703,11 +710,12 @@ class Subscription:
         self._sub = sub
 
     def __aiter__(self) -> Subscription:
-        self._sub.consumer = trio.lowlevel.current_task()
         return self
 
     async def __anext__(self) -> Event:
         sub = self._sub
+        if sub.blocks:
+            sub.consumer = trio.lowlevel.current_task()
         if not sub.queue and not await sub.fill():
             raise StopAsyncIteration
         return sub.take()
@@ -720,7 +728,8 @@ class Subscription:
         if max_events is not None and (type(max_events) is not int or max_events < 1):
             raise ValueError(f"max_events is None or an integer >= 1, not {max_events!r}")
         sub = self._sub
-        sub.consumer = trio.lowlevel.current_task()
+        if sub.blocks:
+            sub.consumer = trio.lowlevel.current_task()
         if not sub.queue and not await sub.fill():
             return []
         batch: list[Event] = []
