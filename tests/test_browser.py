@@ -381,6 +381,52 @@ def test_a_close_1008_is_final_and_says_why(
     assert result["errors"].count(final) == 1, result  # reported once
 
 
+@pytest.mark.parametrize("delivers", [False, True], ids=["hello-only", "delivers-events"])
+def test_connections_that_deliver_nothing_count_toward_max_attempts(
+    page: Page, site: str, delivers: bool
+) -> None:
+    # A server that says hello and closes with 1011 at once (the stream's stored history is
+    # damaged) must not keep the page reconnecting forever; one that delivers events each time
+    # is making progress, and is followed however often it drops.
+    page.goto(f"{site}/")
+    page.evaluate(FAKE_SOCKET)
+    result = page.evaluate(
+        """async ([hello, delivers]) => {
+          const { connect } = await import("/trio-events.js");
+          const conn = connect("ws://127.0.0.1:1/v1/streams/s", {
+            reconnect: { baseMs: 1, capMs: 1, maxAttempts: 2 },
+          });
+          for (let i = 0; i < 6 && conn.state !== "closed"; i++) {
+            while (window.sockets.length <= i) {
+              await new Promise((resolve) => setTimeout(resolve, 1));
+            }
+            const ws = window.sockets[i];
+            ws.readyState = 1;
+            ws.onmessage({ data: JSON.stringify({ ...hello, after: i - 1 }) });
+            if (delivers) {
+              const event = { id: i, timestamp: "2026-11-26T00:00:00Z", source: "user",
+                              type: "t", cause: null, hidden: false, payload: {} };
+              ws.onmessage({ data: JSON.stringify({ op: "events", events: [event] }) });
+            }
+            ws.readyState = 3;
+            ws.onclose({ code: 1011, reason: "the stream's stored history is damaged" });
+          }
+          return { state: conn.state, code: conn.error?.code, message: conn.error?.message,
+                   sockets: window.sockets.length, lastId: conn.lastId };
+        }""",
+        [HELLO, delivers],
+    )
+    if delivers:
+        assert result["state"] != "closed", result
+        assert result["lastId"] == 5, result
+    else:
+        assert result["state"] == "closed", result
+        assert result["code"] == "reconnect_failed", result
+        assert result["sockets"] == 3, result
+        assert "3 attempts in a row failed" in result["message"], result
+        assert "stored history is damaged" in result["message"], result
+
+
 @pytest.mark.parametrize("answers", [False, True], ids=["silent", "answers-pings"])
 def test_a_silent_connection_is_pinged_then_dropped_and_resumed(
     page: Page, site: str, answers: bool

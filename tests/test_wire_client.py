@@ -493,6 +493,30 @@ async def test_max_attempts_exhausted_after_events_ends_the_iteration_with_it() 
                     await conn.publish({}, source="user", type="t")
 
 
+async def test_a_server_that_says_hello_then_closes_counts_as_a_failed_attempt(
+    tmp_path: Path,
+) -> None:
+    # A sealed segment is damaged: the stream opens (hello), then the replay cannot read it
+    # and the server closes with 1011. Retrying may help (the operator may repair it), but not
+    # forever: such a connection delivered nothing, so it does not reset the failure count.
+    store_dir = tmp_path / "data"
+    store = te.LogStore(store_dir, durability="none", segment_bytes=4096)
+    async with te.open_event_stream("s", store=store) as stream:
+        await stream.publish_many([{"n": "x" * 100}] * 100, source="user", type="t")
+    first = sorted((store_dir / "streams" / "s").glob("*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    first.write_bytes(bytes(data))
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub(store=te.LogStore(store_dir)) as hub, running(hub) as server:
+            backoff = Backoff(base=0.01, max_attempts=2)
+            with pytest.raises(ReconnectFailed, match="3 attempts") as info:
+                async with connect(server.url(), backoff=backoff) as conn:
+                    await take(conn, 1)
+    assert "1011 the stream's stored history is damaged" in str(info.value)
+    assert conn.connections == 3  # each got its hello
+
+
 async def test_the_token_is_sent_as_a_bearer_header_not_in_the_url() -> None:
     seen: list[tuple[str, str | None, bool]] = []
 

@@ -650,13 +650,14 @@ async def test_a_stream_whose_files_are_damaged_is_one_log_line_and_1011_not_a_t
             async with open_websocket_url(server.url()) as ws:
                 error = await recv(ws)
                 assert (error["op"], error["code"]) == ("error", "internal")
+                assert "stored history is damaged" in error["message"]
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.get_message()
                 assert info.value.reason is not None
                 assert info.value.reason.code == 1011
     lines = [r.getMessage() for r in caplog.records]
     assert any(
-        "cannot open the stream" in line and "corrupt at byte offset" in line for line in lines
+        "cannot serve the stream" in line and "corrupt at byte offset" in line for line in lines
     )
     assert not any("unexpected error" in line for line in lines)
     assert not any(r.exc_info for r in caplog.records if r.name == "trio_events.wire.server")
@@ -677,5 +678,5 @@ async def test_a_stream_another_writer_holds_is_one_log_line_and_1013(
     assert info.value.reason.code == 1013
     assert "open in another process" in (info.value.reason.reason or "")
     lines = [r.getMessage() for r in caplog.records]
-    assert any("cannot open the stream" in line and "already open" in line for line in lines)
+    assert any("cannot serve the stream" in line and "already open" in line for line in lines)
     assert not any("unexpected error" in line for line in lines)

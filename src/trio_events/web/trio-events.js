@@ -38,6 +38,8 @@ const BOOLEANS = ["true", "false", "1", "0"];
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 /** Failures in a row before any hello after which onError reports `handshake_refused`. */
 const REFUSED_REPORT_AFTER = 5;
+/** A connection open this long (ms) after its hello ends a run of failed attempts. */
+const ESTABLISHED_MS = 10000;
 
 /**
  * An error of this client. `code` says which kind:
@@ -196,6 +198,12 @@ export class Connection {
     /** @private */ this._closedByUser = false;
     /** @private Failed connections in a row without a hello (for `handshake_refused`). */
     this._refusedInARow = 0;
+    /** @private Failed attempts in a row (for `reconnect.maxAttempts`). */
+    this._failures = 0;
+    /** @private Whether this connection delivered anything: events, a gap, caught_up, an ack. */
+    this._progressed = false;
+    /** @private When this connection got its hello (Date.now()), or null. */
+    this._openedAt = null;
     /** The stream id, from the url. */
     this.streamId = decodeURIComponent(base.slice(base.lastIndexOf("/") + 1));
     /** The epoch of the stream's history, from the first `hello` (null before). */
@@ -311,6 +319,8 @@ export class Connection {
     if (this._ended()) return;
     this._helloSeen = false;
     this._refusal = null;
+    this._progressed = false;
+    this._openedAt = null;
     let ws;
     try {
       ws = new WebSocket(this._url());
@@ -347,6 +357,9 @@ export class Connection {
     if (!this._helloSeen) {
       this._opening(msg);
       return;
+    }
+    if (msg.op === "events" || msg.op === "gap" || msg.op === "caught_up" || msg.op === "ack") {
+      this._progressed = true;
     }
     switch (msg.op) {
       case "events": this._onEvents(msg.events); break;
@@ -400,6 +413,7 @@ export class Connection {
       this.lastId = msg.after;
     }
     this._helloSeen = true;
+    this._openedAt = Date.now();
     this._refusedInARow = 0;
     this.connections += 1;
     this.attempt = 0;
@@ -540,8 +554,12 @@ export class Connection {
       this._finish(helloSeen ? null : refusal);
       return;
     }
-    // Retries in a row since the last hello; the count restarts after every hello.
-    const failures = helloSeen ? 0 : this.attempt;
+    // Failed attempts in a row. A connection that delivered something or stayed open for
+    // ESTABLISHED_MS ends the run; one that said hello and closed at once (1011: the stream's
+    // stored history is damaged, say) is one more failure, so that maxAttempts ends it.
+    const established = this._progressed ||
+      (this._openedAt !== null && Date.now() - this._openedAt >= ESTABLISHED_MS);
+    const failures = established ? 0 : this._failures;
     const { enabled, maxAttempts } = this._reconnect;
     if (!enabled || failures >= maxAttempts) {
       this._closeNotify(code, reason, false);
@@ -566,6 +584,7 @@ export class Connection {
     }
     const delayMs = Math.min(backoffDelay(failures, Math.random(), this._reconnect), MAX_TIMEOUT_MS);
     this.attempt = failures + 1;
+    this._failures = failures + 1;
     this._setState("reconnecting", { delayMs });
     if (this._ended()) return; // disconnect() in onState
     this._timer = setTimeout(() => {

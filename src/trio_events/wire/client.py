@@ -382,6 +382,12 @@ class Connection:
         self._last_heard = 0.0  # when the current connection last received anything
         self._awaiting_server = False  # True while the reader waits for the server's next frame
         self._dead: WebSocketConnection | None = None  # a connection given up for silence
+        # Whether the current connection delivered anything (events, a gap, caught_up, an ack),
+        # and when it got its hello: only a connection that delivered, or stayed open for
+        # connect_timeout, ends a run of failed attempts. A server that says hello and closes at
+        # once (its stored history is damaged, say) is a failed attempt.
+        self._progressed = False
+        self._opened_at = math.inf
         # The last `error` on this connection: the reason for a close (1008) that follows.
         self._last_error: Error | None = None
 
@@ -564,7 +570,8 @@ class Connection:
                     await self._session()
                     return  # closed normally (1000)
                 except _Drop as drop:
-                    if drop.args and drop.args[0] == "after hello":
+                    opened_for = trio.current_time() - self._opened_at
+                    if self._progressed or opened_for >= self.connect_timeout:
                         failures = 0
                     limit = self.backoff.max_attempts
                     if limit is not None and failures >= limit:
@@ -603,6 +610,8 @@ class Connection:
         # waits for its reader task, which waits for a server that never answers.)
         opening = trio.CancelScope(deadline=trio.current_time() + self.connect_timeout)
         self._last_error = None
+        self._progressed = False
+        self._opened_at = math.inf
         try:
             with opening:
                 await self._connection(opening)
@@ -658,6 +667,7 @@ class Connection:
         ) as ws:
             self._opening(await self._receive(ws))
             opening.deadline = math.inf  # hello: connected
+            self._opened_at = trio.current_time()
             self._last_heard = trio.current_time()
             self.connections += 1
             self._generation += 1
@@ -736,13 +746,16 @@ class Connection:
                     await self._send_events.send(EventsLost(self.cursor + 1, event.id - 1))
                 await self._send_events.send(event)
                 self.cursor = event.id
+            self._progressed = True
         elif isinstance(message, Gap):
             lost = EventsLost(max(message.from_, self.cursor + 1), message.to)
             if lost.to > self.cursor:
                 await self._send_events.send(lost)
                 self.cursor = message.to
+            self._progressed = True
         elif isinstance(message, CaughtUp):
             self.cursor = max(self.cursor, message.id)
+            self._progressed = True
         elif isinstance(message, Ack | Error) and message.req is not None:
             if isinstance(message, Error):
                 self._last_error = message
@@ -751,6 +764,7 @@ class Connection:
                 logger.warning("stream %s: an answer to an unknown req", self.stream_id)
                 return
             if isinstance(message, Ack):
+                self._progressed = True
                 pending.id = message.id
             else:
                 pending.error = _server_error(message)

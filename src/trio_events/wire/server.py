@@ -916,7 +916,7 @@ class _Connection:
         """The stream cannot be opened for a reason the operator must see, and no bug: one
         plain log line (not an unexpected error with a traceback), and close with `code`."""
         logger.error(
-            "ws stream=%s client=%s: cannot open the stream: %s",
+            "ws stream=%s client=%s: cannot serve the stream: %s",
             self.request.stream_id,
             self.client,
             _first_leaf(group),
@@ -965,7 +965,11 @@ class _Connection:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
         except* CorruptLogError as group:
             # Damaged files: the operator's to repair (or salvage).
-            self.cannot_open(group, CloseCode.INTERNAL, "the stream's stored history is damaged")
+            self.cannot_open(
+                group,
+                CloseCode.INTERNAL,
+                "the stream's stored history is damaged (the server's log names the file)",
+            )
         except* StreamLocked as group:
             # Another process writes this stream (a second server on the same data directory).
             self.cannot_open(
@@ -989,7 +993,10 @@ class _Connection:
             )
             try:
                 if self.close_code == CloseCode.INTERNAL:
-                    error = Error(ErrorCode.INTERNAL, "internal server error; reconnect")
+                    text = self.close_reason
+                    if text == "internal server error":
+                        text += "; reconnect"
+                    error = Error(ErrorCode.INTERNAL, text)
                     await self.ws.send_message(encode_message(error).decode())
                 await self.ws.aclose(self.close_code, self.close_reason)
             except ConnectionClosed:
