@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trio
 from hypothesis import example, given, settings
@@ -1905,3 +1906,167 @@ async def test_appends_closes_and_crashes_against_a_model(
             await log.aclose()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- damaged or unusual files in a stream's directory -----------------------------------------
+
+
+async def _three_segments(root: Path) -> list[te.Event]:
+    """A stream of 300 events in 3 or more segments, closed cleanly."""
+    log = await open_log(root, segment_bytes=4096, durability="none")
+    events = make_events(0, 300, pad=20)
+    for i in range(0, 300, 10):
+        await log.append(events[i : i + 10])
+    await log.aclose()
+    assert len(segments_of(root)) >= 3
+    return events
+
+
+def _epoch(root: Path) -> str:
+    epoch: str = orjson.loads((root / "streams" / "s" / "meta.json").read_bytes())["epoch"]
+    return epoch
+
+
+HEADER_DAMAGE = {
+    "bad-magic": lambda data: b"NOTASEGM" + data[8:],
+    "cut-in-header": lambda data: data[:10],
+    "empty": lambda data: b"",
+    "other-first-id": lambda data: data[:8] + (10**6).to_bytes(8, "little") + data[16:],
+}
+
+
+@pytest.mark.parametrize("damage", HEADER_DAMAGE)
+@pytest.mark.parametrize("which", ["sealed", "last"])
+async def test_salvage_moves_aside_a_segment_whose_header_is_damaged(
+    tmp_path: Path, damage: str, which: str
+) -> None:
+    events = await _three_segments(tmp_path)
+    files = segments_of(tmp_path)
+    target = files[1] if which == "sealed" else files[-1]
+    target.write_bytes(HEADER_DAMAGE[damage](target.read_bytes()))
+    first_of_target = int(target.name[:20])
+    epoch = _epoch(tmp_path)
+
+    with pytest.raises(CorruptLogError, match="salvage=True") as info:
+        await open_log(tmp_path, verify=True)
+    assert info.value.path == str(target)
+    assert _epoch(tmp_path) == epoch  # a refused open changes nothing
+
+    log = await open_log(tmp_path, salvage=True)
+    assert log.last_id == first_of_target - 1
+    assert await read_all(log) == events[:first_of_target]
+    assert log.recovery is not None
+    assert log.recovery.path == str(target)
+    assert log.epoch != epoch
+    await log.append(make_events(first_of_target, 1))
+    await log.aclose()
+    moved = [f for f in files if f.exists() is False]
+    assert moved == files[files.index(target) :]
+    for f in moved:
+        assert len(list(f.parent.glob(f.name + ".corrupt-*"))) == 1
+    log = await open_log(tmp_path)  # and from then on, it opens as any stream
+    assert log.last_id == first_of_target
+    await log.aclose()
+
+
+async def test_a_deleted_last_segment_is_an_error_not_a_silent_loss(tmp_path: Path) -> None:
+    events = await _three_segments(tmp_path)
+    last = segments_of(tmp_path)[-1]
+    assert index_files_of(tmp_path) == [last.with_suffix(".idx")]  # a clean close wrote it
+    last.unlink()
+    epoch = _epoch(tmp_path)
+    with pytest.raises(CorruptLogError, match="has been deleted") as info:
+        await open_log(tmp_path)
+    assert info.value.path == str(last)
+    assert "salvage=True" in str(info.value)
+    assert _epoch(tmp_path) == epoch
+    log = await open_log(tmp_path, salvage=True)  # go on without it, as another history
+    assert log.epoch != epoch
+    assert await read_all(log) == events[: int(last.name[:20])]
+    await log.aclose()
+
+
+async def test_retention_that_leaves_only_an_empty_segment_keeps_the_stream_usable(
+    tmp_path: Path,
+) -> None:
+    # A crash between a roll and the first write into the new segment leaves it header-only;
+    # retention later removes every older segment, so no event is retained at all.
+    await _three_segments(tmp_path)
+    last = segments_of(tmp_path)[-1]
+    next_id = 300
+    empty = last.with_name(f"{next_id:020d}.seg")
+    empty.write_bytes(segment_header(next_id))
+    for f in index_files_of(tmp_path):
+        f.unlink()
+    old = time.time() - 3600
+    for f in segments_of(tmp_path)[:-1]:
+        os.utime(f, (old, old))
+    store = LogStore(tmp_path, retain_seconds=60)
+    async with te.open_event_stream("s", store=store) as stream:
+        await stream.publish({}, source="user", type="t")  # retention runs after an append
+    async with te.open_event_stream("s", store=LogStore(tmp_path)) as stream:
+        assert stream.get_latest_event_id() == next_id
+        event = await stream.publish({}, source="user", type="t")
+        assert event.id == next_id + 1
+
+
+@pytest.mark.parametrize("entry", ["segment", "index", "meta.json"])
+@pytest.mark.parametrize("kind", ["directory", "dangling-link"])
+async def test_an_entry_that_is_not_a_regular_file_is_named(
+    tmp_path: Path, entry: str, kind: str
+) -> None:
+    await _three_segments(tmp_path)
+    directory = tmp_path / "streams" / "s"
+    path = {
+        "segment": directory / f"{10**9:020d}.seg",
+        "index": directory / f"{10**9:020d}.idx",
+        "meta.json": directory / "meta.json",
+    }[entry]
+    if path.exists():
+        path.unlink()
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(directory / "nothing-here")
+    with pytest.raises(CorruptLogError, match="not a regular file") as info:
+        await open_log(tmp_path)
+    assert info.value.path == str(path)
+
+
+async def test_a_leftover_tmp_directory_is_left_alone(tmp_path: Path) -> None:
+    await _three_segments(tmp_path)
+    (tmp_path / "streams" / "s" / "x.tmp").mkdir()
+    log = await open_log(tmp_path)
+    assert log.last_id == 299
+    await log.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("version", True, "format version True"),
+        ("version", 1.0, "format version 1.0"),
+        ("epoch", "ab" * 10**6, "is not 32 lowercase hexadecimal digits"),
+        ("epoch", "G" * 32, "is not 32 lowercase hexadecimal digits"),
+    ],
+)
+async def test_meta_fields_of_the_wrong_kind_are_refused(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    await _three_segments(tmp_path)
+    meta_path = tmp_path / "streams" / "s" / "meta.json"
+    meta = orjson.loads(meta_path.read_bytes())
+    meta[field] = value
+    meta_path.write_bytes(orjson.dumps(meta))
+    with pytest.raises(CorruptLogError, match=message) as info:
+        await open_log(tmp_path)
+    assert len(str(info.value)) < 400  # a huge value is not copied into the message whole
+
+
+async def test_segment_names_need_ascii_digits(tmp_path: Path) -> None:
+    await _three_segments(tmp_path)
+    directory = tmp_path / "streams" / "s"
+    (directory / ("\uff10" * 19 + "\uff15.seg")).write_bytes(segment_header(5))  # fullwidth
+    log = await open_log(tmp_path)
+    assert await read_all(log) == make_events(0, 300, pad=20)
+    await log.aclose()

@@ -663,6 +663,30 @@ async def test_a_stream_whose_files_are_damaged_is_one_log_line_and_1011_not_a_t
     assert not any(r.exc_info for r in caplog.records if r.name == "trio_events.wire.server")
 
 
+async def test_a_stream_whose_files_cannot_be_used_is_one_log_line_and_1011(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An OSError opening the stream (here its LOCK file is a directory): the operator's to fix.
+    async with te.open_event_stream("s", store=te.LogStore(tmp_path)) as stream:
+        await stream.publish({}, source="user", type="t")
+    lock = tmp_path / "streams" / "s" / "LOCK"
+    lock.unlink()
+    lock.mkdir()
+    caplog.set_level(logging.INFO, logger="trio_events")
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub(store=te.LogStore(tmp_path)) as hub, running(hub) as server:
+            async with open_websocket_url(server.url()) as ws:
+                error = await recv(ws)
+                assert "cannot use the stream's files" in error["message"]
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.get_message()
+    assert info.value.reason is not None
+    assert info.value.reason.code == 1011
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("cannot serve the stream" in line and str(lock) in line for line in lines)
+    assert not any("unexpected error" in line for line in lines)
+
+
 async def test_a_stream_another_writer_holds_is_one_log_line_and_1013(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1264,7 +1264,7 @@ async def open_event_stream(
     try:
         # Timestamps continue from the stored history, so they never go backwards along ids.
         last_timestamp = datetime.min.replace(tzinfo=UTC)
-        if log.last_id >= 0:
+        if log.last_id >= max(0, log.first_id):  # retention may have removed every event
             last_timestamp = (await log.read(log.last_id, log.last_id, limit=1))[0].timestamp
         try:
             async with trio.open_nursery() as nursery:

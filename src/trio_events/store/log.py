@@ -85,7 +85,8 @@ MAX_BODY: Final = 0xFFFFFFFF
 
 FORMAT_NAME: Final = "trio-events-log"
 FORMAT_VERSION: Final = 1
-_SEGMENT_NAME = re.compile(r"(\d{20})\.seg")
+_SEGMENT_NAME = re.compile(r"([0-9]{20})\.seg")
+_EPOCH = re.compile(r"[0-9a-f]{32}")
 _INDEX_STRIDE: Final = 32
 
 DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
@@ -289,7 +290,7 @@ def _find_batch_start(buf: bytes | memoryview, start: int, after_id: int) -> int
 
 INDEX_MAGIC: Final = b"TEVIDX\x00\x01"
 _INDEX_HEAD: Final = struct.Struct("<8sQQQII")  # magic, first_id, size, last_id, last_crc, count
-_INDEX_NAME = re.compile(r"(\d{20})\.idx")
+_INDEX_NAME = re.compile(r"([0-9]{20})\.idx")
 
 
 def _index_name(first_id: int) -> str:
@@ -305,6 +306,15 @@ def _encode_index(first_id: int, size: int, last_id: int, last_crc: int, index: 
 
 class _StaleIndex(Exception):
     """An index file that does not describe its segment as it is (the reason is the message)."""
+
+
+def _is_index_file(path: Path) -> bool:
+    """Whether `path` holds a valid index file for the segment its name gives."""
+    try:
+        _decode_index(path.read_bytes(), int(path.name[:20]))
+    except _StaleIndex:
+        return False
+    return True
 
 
 def _decode_index(data: bytes, first_id: int) -> tuple[int, int, int, list[int]]:
@@ -1245,15 +1255,29 @@ def _load_index(segment: Path, index_file: Path, first_id: int) -> tuple[int, in
     return size, last_id, index
 
 
+#: How to get past a segment that cannot be read at all.
+_MOVE_ASIDE_HINT: Final = (
+    "open the store with salvage=True (trio-events serve --salvage) to keep the events before "
+    "this segment and move it and every later one aside"
+)
+
+
 def _check_header(path: Path, data: bytes, first_id: int) -> None:
     if len(data) < SEGMENT_HEADER_SIZE:
-        raise CorruptLogError(path, 0, f"shorter ({len(data)} bytes) than a segment header")
+        raise CorruptLogError(
+            path, 0, f"shorter ({len(data)} bytes) than a segment header; {_MOVE_ASIDE_HINT}"
+        )
     magic, header_first = _SEGMENT_HEADER.unpack_from(data, 0)
     if magic != SEGMENT_MAGIC:
-        raise CorruptLogError(path, 0, f"not a trio-events segment (magic {magic!r})")
+        raise CorruptLogError(
+            path, 0, f"not a trio-events segment (magic {magic!r}); {_MOVE_ASIDE_HINT}"
+        )
     if header_first != first_id:
         raise CorruptLogError(
-            path, 8, f"header says first id {header_first}, the file name says {first_id}"
+            path,
+            8,
+            f"header says first id {header_first}, the file name says {first_id}; "
+            f"{_MOVE_ASIDE_HINT}",
         )
 
 
@@ -1409,11 +1433,19 @@ class LogStore:
         index_files: list[Path] = []
         for entry in os.scandir(directory):
             match = _SEGMENT_NAME.fullmatch(entry.name)
+            index = _INDEX_NAME.fullmatch(entry.name)
+            if (match or index or entry.name == "meta.json") and not entry.is_file():
+                raise CorruptLogError(
+                    entry.path,
+                    0,
+                    "not a regular file (a directory, or a link to nothing); the stream's files "
+                    "are regular files: move it out of the stream's directory",
+                )
             if match:
                 names.append((int(match.group(1)), entry.name))
-            elif _INDEX_NAME.fullmatch(entry.name):
+            elif index:
                 index_files.append(Path(entry.path))
-            elif entry.name.endswith(".tmp"):
+            elif entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)  # an interrupted atomic write: never made visible
         names.sort()
         meta_path = directory / "meta.json"
@@ -1431,15 +1463,19 @@ class LogStore:
             _fsync_dir(self.path)
         except orjson.JSONDecodeError as exc:
             raise CorruptLogError(meta_path, 0, f"not valid JSON: {exc}") from None
-        if (
-            not isinstance(meta, dict)
-            or meta.get("format") != FORMAT_NAME
-            or not isinstance(meta.get("epoch"), str)
-        ):
-            raise CorruptLogError(meta_path, 0, f"not a {FORMAT_NAME} meta file: {meta!r}")
-        if meta.get("version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise CorruptLogError(meta_path, 0, f"not a {FORMAT_NAME} meta file: {meta!r:.200}")
+        version = meta.get("version")
+        if type(version) is not int or version != FORMAT_VERSION:
             raise CorruptLogError(
-                meta_path, 0, f"format version {meta.get('version')!r}; this code reads 1"
+                meta_path, 0, f"format version {version!r:.40}; this code reads {FORMAT_VERSION}"
+            )
+        if not isinstance(meta.get("epoch"), str) or not _EPOCH.fullmatch(meta["epoch"]):
+            raise CorruptLogError(
+                meta_path,
+                0,
+                f"epoch {meta.get('epoch')!r:.60} is not 32 lowercase hexadecimal digits; restore "
+                f"the file from backup, or give it a new epoch (every client then starts over)",
             )
         segments: list[_Segment] = []
         for first_id, name in names:
@@ -1461,7 +1497,36 @@ class LogStore:
                 stale = []
 
         recovery: RecoveryReport | None = None
-        if self.verify or self.salvage:
+        last_first = segments[-1].first_id if segments else -1
+        orphans = [f for f in index_files if int(f.name[:20]) > last_first and _is_index_file(f)]
+        if orphans:
+            # Written by a clean close for the active segment, and removed before it changes:
+            # its segment was there, and held events. It has been deleted since.
+            missing = directory / _segment_name(int(orphans[0].name[:20]))
+            if not self.salvage:
+                raise CorruptLogError(
+                    missing,
+                    0,
+                    f"missing: the last segment, whose index file {orphans[0].name} is still "
+                    f"there, has been deleted, and its events with it. Restore it from backup, "
+                    f"or open the store with salvage=True (trio-events serve --salvage) to go "
+                    f"on without it (ids continue from the segments left, under a new epoch)",
+                )
+            remove_stale()
+            meta = self._renew_epoch(stream_id, meta_path, meta)
+            logger.error("stream %r: salvage goes on without the missing %s", stream_id, missing)
+        if self.salvage and segments:
+            # The last segment's header: a later check would refuse it even with salvage.
+            with open(segments[-1].path, "rb") as f:
+                head = f.read(SEGMENT_HEADER_SIZE)
+            try:
+                _check_header(segments[-1].path, head, segments[-1].first_id)
+            except CorruptLogError as exc:
+                remove_stale()
+                if not orphans:
+                    meta = self._renew_epoch(stream_id, meta_path, meta)
+                recovery = self._move_aside(stream_id, segments, len(segments) - 1, exc)
+        if (self.verify or self.salvage) and recovery is None:
             for k, seg in enumerate(segments[:-1]):
                 try:
                     seg.index = _index_sealed(seg.path, seg.first_id, segments[k + 1].first_id - 1)
@@ -1469,7 +1534,8 @@ class LogStore:
                     if not self.salvage:
                         raise
                     remove_stale()
-                    meta = self._renew_epoch(stream_id, meta_path, meta)
+                    if not orphans:
+                        meta = self._renew_epoch(stream_id, meta_path, meta)
                     recovery = self._salvage_sealed(stream_id, segments, k, exc)
                     break
         if not segments:
@@ -1609,20 +1675,35 @@ class LogStore:
         """Keep the valid prefix of sealed segment `k`; move it and every later one aside."""
         seg = segments[k]
         data = seg.path.read_bytes()
-        _check_header(seg.path, data, seg.first_id)
+        try:
+            _check_header(seg.path, data, seg.first_id)
+        except CorruptLogError:
+            return self._move_aside(stream_id, segments, k, exc)  # nothing in it can be read
         scan = scan_records(data, SEGMENT_HEADER_SIZE, seg.first_id)
+        self._move_aside(stream_id, segments, k + 1, exc)
+        return self._cut(stream_id, seg.path, scan, moved=True)
+
+    def _move_aside(
+        self, stream_id: str, segments: list[_Segment], k: int, exc: CorruptLogError
+    ) -> RecoveryReport:
+        """Salvage: move segment `k` and every later one aside (renamed ``.corrupt-…``), and
+        drop them from `segments`. Reports the first one moved (nothing of it is kept)."""
         suffix = _aside_suffix()
-        for later in segments[k + 1 :]:
+        moved: list[str] = []
+        for later in segments[k:]:
             target = later.path.with_name(f"{later.path.name}.corrupt-{suffix}")
             if target.exists():  # pragma: no cover - the suffix is unique
                 raise FileExistsError(errno.EEXIST, "salvage target exists", os.fspath(target))
             os.rename(later.path, target)
+            moved.append(os.fspath(target))
             logger.error("stream %r: salvage moved %s aside to %s", stream_id, later.path, target)
-        del segments[k + 1 :]
-        _fsync_dir(seg.path.parent)
-        report = self._cut(stream_id, seg.path, scan, moved=True)
+        first = segments[k] if k < len(segments) else None
+        del segments[k:]
+        _fsync_dir(Path(exc.path).parent)
+        if first is None:
+            return RecoveryReport(exc.path, exc.offset, 0, -1, None)
         logger.error("stream %r: salvage after %s", stream_id, exc)
-        return report
+        return RecoveryReport(os.fspath(first.path), 0, first.size, first.first_id - 1, moved[0])
 
     async def reset_stream(self, stream_id: str) -> None:
         check_stream_id(stream_id)

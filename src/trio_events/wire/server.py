@@ -977,6 +977,14 @@ class _Connection:
             )
         except* ConnectionClosed as group:
             self.finish_closed(_first_leaf(group))
+        except* OSError as group:
+            # The stream's files cannot be read or written (permissions, a full disk, I/O
+            # errors): the operator's to fix, and the log line says which file.
+            self.cannot_open(
+                group,
+                CloseCode.INTERNAL,
+                "the server cannot use the stream's files (the server's log says why)",
+            )
         except* Exception:
             self.fail()
         finally:
