@@ -41,6 +41,7 @@ from helpers import free_port, server_runner
 from trio_events.cli import _Printer, main
 from trio_events.events import encode_event
 from trio_events.wire.auth import MIN_JWT_SECRET_BYTES
+from trio_events.wire.client import Forbidden, NotFound
 from trio_events.wire.protocol import Error, ErrorCode, encode_message, parse_stream_request
 from trio_events.wire.server import ServerConfig
 
@@ -126,6 +127,75 @@ async def test_serve_publishes_and_replays_then_stops_cleanly_on_sigterm(tmp_pat
                 assert closed.value.reason.code == 1001
             assert await server.wait() == 0
     assert list((tmp_path / "streams").iterdir())  # the event is in the LogStore
+
+
+async def test_serve_openhands_serves_conversations_read_only(tmp_path: Path) -> None:
+    root = tmp_path / "openhands"
+    shutil.copytree(FIXTURE / "conversation-dir", root)
+    before = sorted((p, p.read_bytes()) for p in root.rglob("*") if p.is_file())
+    command = [sys.executable, "-m", "trio_events.cli", "serve", "--openhands", str(root)]
+    command += ["--port", "0"]
+    run = partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server: trio.Process = await nursery.start(run)
+            assert server.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await server.stdout.receive_some(1)
+            assert b"OpenHands conversations in" in line
+            assert b"read-only" in line
+            base = line.split()[3].decode().replace("/v1/streams/ID", "/v1/streams/")
+            async with te.connect(base + "conv-visible") as conn:
+                events = []
+                async for event in conn:
+                    events.append(event)
+                    if event.id == 239:
+                        break
+                assert [e.id for e in events] == list(range(240))
+                assert events[0].type == "action.message"
+                with pytest.raises(Forbidden, match="read-only"):
+                    await conn.publish({}, source="user", type="t")
+            with pytest.raises(NotFound, match="no OpenHands conversation 'nope'"):
+                async with te.connect(base + "nope", backoff=te.Backoff(max_attempts=0)) as conn:
+                    async for _ in conn:
+                        pass  # pragma: no cover
+            server.send_signal(signal.SIGTERM)
+            assert await server.wait() == 0
+    after = sorted((p, p.read_bytes()) for p in root.rglob("*") if p.is_file())
+    assert after == before  # nothing written: no epoch file, no lock file, no cache page
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--openhands", ".", "--memory"], "--openhands serves an OpenHands directory"),
+        (["--openhands", ".", "--data-dir", "d"], "--openhands serves an OpenHands directory"),
+        (["--user-id", "u"], "--user-id is for --openhands"),
+    ],
+)
+def test_serve_openhands_flags_that_do_not_go_together_are_refused(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["missing", "conversation-dir"])
+def test_serve_openhands_on_a_wrong_root_says_what_root_is(
+    tmp_path: Path, layout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "nothing"
+    if layout == "conversation-dir":
+        shutil.copytree(FIXTURE / "conversation-dir", tmp_path / "oh")
+        root = tmp_path / "oh" / "sessions" / "conv-visible"
+    assert main(["serve", "--openhands", str(root), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    expected = "no such directory" if layout == "missing" else "ROOT is the directory that holds"
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_serve_refuses_a_public_address_without_auth_or_insecure(

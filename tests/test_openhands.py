@@ -726,8 +726,10 @@ async def test_read_only_store_writes_nothing(conv_copy: Path) -> None:
     log = await store.open_stream(SID, te.default_registry)
     assert log.epoch == epoch
     await log.aclose()
-    log = await store.open_stream("missing", te.default_registry)
-    assert log.last_id == -1
+    # It cannot create a conversation: one that does not exist is not an empty stream.
+    with pytest.raises(te.StreamNotFound, match="no OpenHands conversation 'missing'"):
+        await store.open_stream("missing", te.default_registry)
+    log = await store.open_stream(SID, te.default_registry)  # the failed open left no trace
     await log.aclose()
     assert tree(conv_copy) == before
     assert not (conv_copy / "sessions" / "missing").exists()

@@ -511,6 +511,8 @@ def test_config_is_validated() -> None:
         {"subscriber_buffer": 0},
         {"max_frame_events": 1.5},
         {"max_frame_bytes": True},
+        {"read_only": "yes"},
+        {"read_only": 1},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServerConfig(**bad)

@@ -48,6 +48,7 @@ from .openhands import export_conversation, import_conversation
 from .store.base import EventStore
 from .store.log import LogStore, lock_file
 from .store.memory import MemoryStore
+from .store.openhands import OpenHandsStore
 from .stream import open_event_stream
 from .subscribers import Overflow
 from .wire.auth import AnyOf, AuthConfigError, Authenticator, JwtAuthenticator, StaticTokens
@@ -285,6 +286,7 @@ _LIMIT_FLAGS: dict[str, tuple[str | None, str]] = {
     "subscriber_buffer": (None, "events queued per connection before it catches up from the store"),
     "max_frame_events": (None, "events per frame, at most"),
     "max_frame_bytes": (None, "bytes per frame, at most"),
+    "read_only": (None, "refuse every publish: serve the stored events only"),
 }
 
 
@@ -306,6 +308,15 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
                 dest=f"limit_{field.name}",
                 action="append",
                 metavar=_LIST_FLAGS[field.name],
+                help=help_text,
+            )
+            continue
+        if field.type in (bool, "bool"):
+            group.add_argument(
+                flag or "--" + field.name.replace("_", "-"),
+                dest=f"limit_{field.name}",
+                action="store_const",
+                const=True,
                 help=help_text,
             )
             continue
@@ -385,6 +396,24 @@ async def _serve_store(args: argparse.Namespace) -> AsyncIterator[tuple[EventSto
             yield memory, "memory"
         finally:
             await memory.aclose()
+        return
+    if args.openhands is not None:
+        root = Path(args.openhands)
+        if not await trio.Path(root).is_dir():
+            raise ValueError(f"--openhands {root}: no such directory (an OpenHands file store)")
+        if args.user_id is None:
+            conversations = root / "sessions"
+        else:
+            conversations = root / "users" / args.user_id / "conversations"
+        if not await trio.Path(conversations).is_dir():
+            raise ValueError(
+                f"--openhands {root}: no {os.fspath(conversations)} directory; ROOT is the "
+                f"directory that holds sessions/ (or users/, with --user-id), not a "
+                f"conversation's own directory"
+            )
+        openhands = OpenHandsStore(root, user_id=args.user_id, read_only=True)
+        of_user = "" if args.user_id is None else f" of user {args.user_id!r}"
+        yield openhands, f"OpenHands conversations{of_user} in {root}, read-only"
         return
     lock = await trio.to_thread.run_sync(_lock_for_serving, Path(args.data_dir))
     store = LogStore(args.data_dir, salvage=args.salvage)
@@ -726,6 +755,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--memory", action="store_true", help="keep streams in memory only")
     serve.add_argument(
+        "--openhands",
+        metavar="ROOT",
+        help="serve the conversations of an OpenHands file store (ROOT holds sessions/), "
+        "read-only: stream ids are conversation ids (docs/openhands.md)",
+    )
+    serve.add_argument(
+        "--user-id",
+        metavar="USER",
+        help="with --openhands: the conversations under ROOT/users/USER/conversations/",
+    )
+    serve.add_argument(
         "--salvage",
         action="store_true",
         help="open streams whose files are damaged in the middle: keep the valid events, move "
@@ -911,6 +951,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--data-dir is the embedded store's: not with --memory or --store")
             if args.salvage and (args.memory or args.store or args.store_env):
                 parser.error("--salvage is the embedded store's: not with --memory or --store")
+            if args.openhands is not None and (
+                args.memory or args.store or args.store_env or args.data_dir or args.salvage
+            ):
+                parser.error(
+                    "--openhands serves an OpenHands directory: not with --data-dir, --memory, "
+                    "--store or --salvage"
+                )
+            if args.user_id is not None and args.openhands is None:
+                parser.error("--user-id is for --openhands (the users/USER/conversations layout)")
             if args.data_dir is None:
                 args.data_dir = DEFAULT_DATA_DIR
             if not 0 <= args.port <= 65535:
@@ -945,6 +994,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = _server_config(args)
             except ValueError as exc:
                 parser.error(_as_flags(str(exc)))
+            if args.openhands is not None:
+                config = attrs.evolve(config, read_only=True)  # OpenHands writes it, not us
             logging.basicConfig(
                 level=args.log_level.upper(),
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -21,6 +21,7 @@ __all__ = [
     "StoreOutcomeUnknown",
     "StreamClosed",
     "StreamLocked",
+    "StreamNotFound",
     "SubscriberDisconnected",
     "TooManyStreams",
     "TrioEventsError",
@@ -88,6 +89,10 @@ class StoreError(TrioEventsError):
 
     The store's own exception is the ``__cause__``.
     """
+
+
+class StreamNotFound(TrioEventsError, LookupError):
+    """A read-only store has no such stream, and cannot create one."""
 
 
 class StreamLocked(TrioEventsError, RuntimeError):

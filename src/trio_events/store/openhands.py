@@ -45,7 +45,7 @@ import attrs
 import orjson
 import trio
 
-from ..errors import EventEncodeError, HistoryTruncated
+from ..errors import EventEncodeError, HistoryTruncated, StreamNotFound
 from ..events import Event, PayloadRegistry, encode_event
 from ..openhands import OpenHandsFormatError, event_from_openhands, event_to_openhands
 from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
@@ -357,7 +357,8 @@ class OpenHandsStore:
         user_id: Keep conversations under ``users/{user_id}/conversations/`` instead of
             ``sessions/``.
         fsync: Make every appended batch durable (fsync of files and directories).
-        read_only: Never write (appends raise `PermissionError`); for serving or importing
+        read_only: Never write (appends raise `PermissionError`), and refuse to open a
+            conversation that does not exist (`StreamNotFound`); for serving or importing
             existing data.
 
     Stream ids are OpenHands conversation ids (sids).
@@ -422,6 +423,12 @@ class OpenHandsStore:
 
     def _lock_and_scan(self, sid: str, path: Path) -> tuple[tuple[str, int] | None, _Scan]:
         if self.read_only:  # a reader takes no lock
+            if not (path / "events").is_dir():
+                raise StreamNotFound(
+                    f"no OpenHands conversation {sid!r} in {os.fspath(self.root)!r} (no "
+                    f"{os.fspath(path / 'events')} directory)"
+                    + ("" if self.user_id is None else f" of user {self.user_id!r}")
+                )
             return None, self._scan(path)
         lock = self._lock(sid, path)
         try:

@@ -76,6 +76,7 @@ from ..errors import (
     StoreOutcomeUnknown,
     StreamClosed,
     StreamLocked,
+    StreamNotFound,
     TooManyStreams,
 )
 from ..events import Event, PayloadRegistry
@@ -182,6 +183,11 @@ def _at_least_one(_: object, attribute: attrs.Attribute[int], value: int) -> Non
     check_int(attribute.name, value, 1)
 
 
+def _true_or_false(_: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if type(value) is not bool:
+        raise ValueError(f"{attribute.name} is True or False, not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Limits of `serve_streams`, validated on construction (a bad value is a `ValueError`).
@@ -233,6 +239,8 @@ class ServerConfig:
         max_frame_events: Events in one ``events`` frame, at most.
         max_frame_bytes: Bytes of one ``events`` frame, at most (a larger single event goes
             alone).
+        read_only: Refuse every ``publish`` (``forbidden``), whatever the token allows: for
+            serving data another program writes, such as an OpenHands directory.
     """
 
     max_message_bytes: int = attrs.field(default=1 << 20, validator=_at_least_one)
@@ -254,6 +262,7 @@ class ServerConfig:
     subscriber_buffer: int = attrs.field(default=1024, validator=_at_least_one)
     max_frame_events: int = attrs.field(default=DEFAULT_MAX_FRAME_EVENTS, validator=_at_least_one)
     max_frame_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_at_least_one)
+    read_only: bool = attrs.field(default=False, validator=_true_or_false)
 
 
 async def serve_streams(
@@ -859,6 +868,7 @@ class _Connection:
         self.registry: PayloadRegistry | None = None
         self.close_code: int | None = None
         self.close_reason = ""
+        self.final_error: Error | None = None  # sent just before the close frame
         self.tasks = trio.CancelScope()  # the connection's tasks; cancelled to close
         # The slow-consumer watchdog: its deadline is send_timeout after the last progress
         # while a send is waiting, infinite while none is.
@@ -963,6 +973,10 @@ class _Connection:
             self.finish(CloseCode.GOING_AWAY, "server shutting down")
         except* TooManyStreams:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
+        except* StreamNotFound as group:
+            # A read-only store, which cannot create it: the client's mistake, and final.
+            self.final_error = Error(ErrorCode.NOT_FOUND, str(_first_leaf(group)))
+            self.finish(CloseCode.NORMAL, "no such stream")
         except* CorruptLogError as group:
             # Damaged files: the operator's to repair (or salvage).
             self.cannot_open(
@@ -993,18 +1007,21 @@ class _Connection:
             await self.close()
 
     async def close(self) -> None:
-        """Send the close frame (after ``error``/``internal`` for 1011), within close_timeout."""
+        """Send the close frame (after `final_error`, or ``error``/``internal`` for 1011),
+        within close_timeout."""
         assert self.close_code is not None
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = min(
                 trio.current_time() + self.config.close_timeout, self.hard_deadline
             )
             try:
-                if self.close_code == CloseCode.INTERNAL:
+                error = self.final_error
+                if error is None and self.close_code == CloseCode.INTERNAL:
                     text = self.close_reason
                     if text == "internal server error":
                         text += "; reconnect"
                     error = Error(ErrorCode.INTERNAL, text)
+                if error is not None:
                     await self.ws.send_message(encode_message(error).decode())
                 await self.ws.aclose(self.close_code, self.close_reason)
             except ConnectionClosed:
@@ -1273,7 +1290,13 @@ class _Connection:
         assert self.grant is not None
         stream_id = self.request.stream_id
         refusal: Error | None
-        if not self.grant.allows(stream_id, Permission.PUBLISH):
+        if self.config.read_only:
+            refusal = Error(
+                ErrorCode.FORBIDDEN,
+                "this server is read-only: it serves the stored events and takes no publishes",
+                message.req,
+            )
+        elif not self.grant.allows(stream_id, Permission.PUBLISH):
             refusal = Error(
                 ErrorCode.FORBIDDEN,
                 f"your token does not allow publishing to stream {stream_id!r}",
