@@ -96,8 +96,33 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit, match="no such environment variable"):
         main([*args, "--secret-env", "TRIO_EVENTS_TEST_UNSET_VARIABLE"])
+    os.environ["TRIO_EVENTS_TEST_EMPTY_SECRET"] = ""
+    try:
+        with pytest.raises(SystemExit, match="the variable is empty, so there is nothing to mask"):
+            main([*args, "--secret-env", "TRIO_EVENTS_TEST_EMPTY_SECRET"])
+    finally:
+        del os.environ["TRIO_EVENTS_TEST_EMPTY_SECRET"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["export-openhands", "s", str(tmp_path), "--data-dir", "d", "--cache-size", "0"])
+    assert exit_.value.code == 2
+    assert "--cache-size must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--events", "0"])
+
+
+def test_converting_a_stream_a_server_has_open_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def hold_open_and_export() -> int:
+        async with te.open_event_stream("s", store=te.LogStore(tmp_path)) as stream:
+            await stream.publish({}, source="user", type="t")
+            args = ["export-openhands", "s", str(tmp_path / "out"), "--data-dir", str(tmp_path)]
+            return await trio.to_thread.run_sync(main, args)
+
+    assert trio.run(hold_open_and_export) == 1
+    err = capsys.readouterr().err
+    assert "stop the trio-events serve that has it open, or wait until it closes" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 async def test_serve_publishes_and_replays_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ import trio
 
 from . import __version__
 from ._urls import safe_url
-from .errors import TrioEventsError
+from .errors import StreamLocked, TrioEventsError
 from .events import Event, EventSource, PayloadRegistry, encode_event
 from .filters import EventFilter
 from .hub import open_event_hub
@@ -176,6 +176,11 @@ def _secrets_from_env(names: Sequence[str]) -> dict[str, str]:
         value = os.environ.get(name)
         if value is None:
             raise SystemExit(f"trio-events: --secret-env {name}: no such environment variable")
+        if not value:
+            raise SystemExit(
+                f"trio-events: --secret-env {name}: the variable is empty, so there is nothing "
+                f"to mask; set it to the secret"
+            )
         secrets[name] = value
     return secrets
 
@@ -1011,6 +1016,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "import-openhands":
             trio.run(_import, args)
         else:
+            if args.cache_size < 1:
+                parser.error(f"--cache-size must be at least 1 (events), not {args.cache_size}")
             trio.run(_export, args)
     except KeyboardInterrupt:
         # Ctrl+C where no graceful stop is defined (tail and serve stop cleanly with exit 0).
@@ -1051,6 +1058,11 @@ def _user_message(args: argparse.Namespace, exc: BaseException) -> str:
         return (
             f"cannot listen on {_url_host(args.host)}:{args.port}: the port is in use (another "
             f"trio-events serve?); choose another with --port, or --port 0 for any free one"
+        )
+    if isinstance(exc, StreamLocked) and args.command in ("import-openhands", "export-openhands"):
+        return (
+            f"{exc}: stop the trio-events serve that has it open, or wait until it closes the "
+            f"stream (--idle-timeout after its last client)"
         )
     return str(exc)
 

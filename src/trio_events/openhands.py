@@ -511,7 +511,11 @@ async def import_conversation(
     source_store = OpenHandsStore(root, user_id=user_id, read_only=True)
     path = source_store.conversation_dir(sid)
     if not await trio.Path(path, "events").is_dir():
-        raise FileNotFoundError(f"no OpenHands conversation at {path} (no events/ directory)")
+        raise FileNotFoundError(
+            f"no OpenHands conversation at {path} (no events/ directory); the root is the "
+            f"directory that holds sessions/ (or users/, with a user id), and the conversation "
+            f"id one of the names in it"
+        )
     reading = PayloadRegistry()  # keep OpenHands payloads as the dicts they are
     source = await source_store.open_stream(sid, reading)
     try:
@@ -520,7 +524,8 @@ async def import_conversation(
             if dest.last_id != -1:
                 raise ValueError(
                     f"stream {stream_id!r} already has events 0..{dest.last_id}; import into "
-                    f"a new stream, or reset this one first"
+                    f"a new stream (trio-events import-openhands --stream NAME), or reset this "
+                    f"one first (EventStore.reset_stream)"
                 )
             return await _copy(
                 source,
@@ -573,7 +578,8 @@ async def export_conversation(
             if dest.last_id != -1:
                 raise ValueError(
                     f"OpenHands conversation {sid!r} under {root} already has events "
-                    f"0..{dest.last_id}; export to a new conversation id"
+                    f"0..{dest.last_id}; export to a new conversation id (trio-events "
+                    f"export-openhands --sid SID)"
                 )
             return await _copy(
                 source, dest, masker=masker, registry=reg, progress=progress, batch_size=batch_size
