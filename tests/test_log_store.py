@@ -2070,3 +2070,35 @@ async def test_segment_names_need_ascii_digits(tmp_path: Path) -> None:
     log = await open_log(tmp_path)
     assert await read_all(log) == make_events(0, 300, pad=20)
     await log.aclose()
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "body"),
+    [(5, b"{not json"), (5, b'{"id":5,"source":"nobody"}'), (9, b"[]")],
+    ids=["not-json", "not-an-event", "the-last-one"],
+)
+async def test_a_record_that_is_not_an_event_is_named_by_file_and_offset(
+    tmp_path: Path, bad_id: int, body: bytes
+) -> None:
+    # Its checksum is valid: only a writer that is not trio-events (or a bug) stores that.
+    log = await open_log(tmp_path)
+    await log.aclose()
+    bodies = [te.encode_event(e) for e in make_events(0, 10)]
+    bodies[bad_id] = body
+    data, offsets = frame_batch(0, bodies, SEGMENT_HEADER_SIZE)
+    segment = tmp_path / "streams" / "s" / f"{0:020d}.seg"
+    as_after_a_crash(segment, segment_header(0) + data)
+    if bad_id == 9:  # the stream reads its last event on open
+        with pytest.raises(CorruptLogError) as info:
+            async with te.open_event_stream("s", store=LogStore(tmp_path)):
+                pass  # pragma: no cover
+    else:
+        log = await open_log(tmp_path, cache_events=0)
+        assert list(await log.read(0, bad_id - 1, limit=100)) == make_events(0, bad_id)
+        with pytest.raises(CorruptLogError) as info:
+            await log.read(0, 9, limit=100)
+        await log.aclose()
+    assert (info.value.path, info.value.offset) == (str(segment), offsets[bad_id])
+    assert f"the record of event {bad_id} has a valid checksum but is not an event" in str(
+        info.value
+    )

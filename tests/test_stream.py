@@ -134,7 +134,13 @@ async def test_failed_append_fails_its_publishers_and_consumes_no_ids(
         ) as info:
             await stream.publish({}, source=AGENT, type="t")
         assert isinstance(info.value.__cause__, OSError)
-        assert "failed to append events 0..0" in caplog.text
+        (record,) = [r for r in caplog.records if "failed to append" in r.getMessage()]
+        assert record.getMessage().endswith("failed to append events 0..0: OSError: disk full")
+        assert not record.exc_info  # one line: it may repeat with every batch
+        store.logs["s"].fail_with = RuntimeError("a bug in the store")
+        with pytest.raises(te.StoreError):
+            await stream.publish({}, source=AGENT, type="t")
+        assert caplog.records[-1].exc_info  # unexpected: with its traceback
         event = await stream.publish({}, source=AGENT, type="t")
         assert event.id == 0
     assert recorder.ids == [0]

@@ -577,8 +577,16 @@ class EventStream:
                             if batches_send is None
                             else (f"events {self._last_id + 1}..{self._last_id + count}")
                         )
-                        logger.exception(
-                            "stream %r: the store failed to append %s", self.stream_id, what
+                        # An OSError (a full disk, say) or a store's own error says all there is
+                        # in one line, and may repeat with every batch: no traceback for those.
+                        expected = isinstance(exc, OSError | StoreError)
+                        logger.error(
+                            "stream %r: the store failed to append %s: %s: %s",
+                            self.stream_id,
+                            what,
+                            type(exc).__name__,
+                            exc,
+                            exc_info=not expected,
                         )
                         unknown = isinstance(exc, StoreOutcomeUnknown)
                         outcome_text = (

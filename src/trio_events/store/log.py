@@ -46,7 +46,7 @@ import outcome
 import trio
 
 from .._checks import check_int
-from ..errors import CorruptLogError, HistoryTruncated, StreamLocked
+from ..errors import CorruptLogError, EventDecodeError, HistoryTruncated, StreamLocked
 from ..events import Event, PayloadRegistry, encode_event, event_from_dict
 from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
 
@@ -959,10 +959,31 @@ class LogStreamLog:
         """Read and decode events `low..high` from the planned segments: in a worker thread."""
         registry = self._registry
         loads = orjson.loads
-        return [
-            event_from_dict(loads(body), registry, raw=body)
-            for body in self._read_bodies(plan, low, high)
-        ]
+        bodies = self._read_bodies(plan, low, high)
+        try:
+            return [event_from_dict(loads(body), registry, raw=body) for body in bodies]
+        except (orjson.JSONDecodeError, EventDecodeError):
+            raise self._undecodable(plan, low, bodies) from None
+
+    def _undecodable(self, plan: _Plan, low: int, bodies: list[bytes]) -> CorruptLogError:
+        """The error for the first of `bodies` (events from `low`) that is not an event.
+
+        Its checksum matched: a writer stored it so (not trio-events, or a bug), so it names
+        the file and the record's offset, to be looked at.
+        """
+        for event_id, body in enumerate(bodies, low):
+            try:
+                event_from_dict(orjson.loads(body), self._registry, raw=body)
+            except (orjson.JSONDecodeError, EventDecodeError) as exc:
+                seg = next(s for s, next_first, _ in plan if s.first_id <= event_id < next_first)
+                return CorruptLogError(
+                    seg.path,
+                    _record_offset(seg, event_id),
+                    f"the record of event {event_id} has a valid checksum but is not an event "
+                    f"({type(exc).__name__}: {exc}); it was written so, not damaged later. Move "
+                    f"the stream aside and restore it from backup",
+                )
+        raise AssertionError("called after a body failed to decode")  # pragma: no cover
 
     def _read_bodies(self, plan: _Plan, low: int, high: int) -> list[bytes]:
         """The checked record bodies of events `low..high`: in a worker thread.
@@ -1198,6 +1219,17 @@ def _unlink_all(paths: list[Path], directory: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     _fsync_dir(directory)
+
+
+def _record_offset(seg: _Segment, event_id: int) -> int:
+    """The byte offset of event `event_id`'s record in indexed segment `seg` (an error path)."""
+    assert seg.index is not None
+    with open(seg.path, "rb") as f:
+        data = f.read()
+    offset = seg.index[(event_id - seg.first_id) // _INDEX_STRIDE]
+    while (record := decode_record(data, offset)) is not None and record[0] < event_id:
+        offset = record[2]
+    return offset
 
 
 def _index_sealed(path: Path, first_id: int, last_id: int, data: bytes | None = None) -> list[int]:
