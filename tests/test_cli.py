@@ -874,8 +874,19 @@ def test_export_of_a_stream_that_does_not_exist_says_so_and_creates_nothing(
     assert not (tmp_path / "out").exists()
     assert main(["demo", "--data-dir", str(data), "--events", "10"]) == 0
     capsys.readouterr()
+    (data / "streams" / "stray-file").write_text("")
+    (data / "streams" / "bad name!").mkdir()
     assert main(["export-openhands", "nope", str(tmp_path / "out"), "--data-dir", str(data)]) == 1
-    assert "(its streams: demo)" in capsys.readouterr().err
+    assert "(its streams: demo)" in capsys.readouterr().err  # only streams are listed
+
+
+def test_serve_on_a_data_dir_that_is_a_file_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["serve", "--data-dir", str(tmp_path / "file"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"--data-dir {tmp_path / 'file'} is a file; it names a directory" in err
 
 
 async def test_serve_salvage_opens_the_log_store_with_salvage(tmp_path: Path) -> None:

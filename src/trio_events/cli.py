@@ -442,6 +442,8 @@ def _lock_for_serving(data_dir: Path) -> int:
     would be refused one by one; refusing the second server at start is clearer. The lock is a
     POSIX record lock, dropped by the kernel however the process ends.
     """
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"--data-dir {data_dir} is a file; it names a directory (new or not)")
     data_dir.mkdir(parents=True, exist_ok=True)
     return lock_file(
         data_dir / _SERVE_LOCK,

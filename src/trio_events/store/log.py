@@ -1221,6 +1221,14 @@ def _unlink_all(paths: list[Path], directory: Path) -> None:
     _fsync_dir(directory)
 
 
+def _is_stream_id(name: str) -> bool:
+    try:
+        check_stream_id(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _record_offset(seg: _Segment, event_id: int) -> int:
     """The byte offset of event `event_id`'s record in indexed segment `seg` (an error path)."""
     assert seg.index is not None
@@ -1398,9 +1406,11 @@ class LogStore:
 
         def listing() -> list[str]:
             try:
-                return sorted(entry.name for entry in (self.path / "streams").iterdir())
+                entries = list(os.scandir(self.path / "streams"))
             except FileNotFoundError:
                 return []
+            # A stream is a directory with a valid id; stray files and names are not streams.
+            return sorted(e.name for e in entries if e.is_dir() and _is_stream_id(e.name))
 
         return await trio.to_thread.run_sync(listing)
 
