@@ -87,6 +87,42 @@ def test_import_then_export_round_trips_and_masks(
     assert SECRET not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["traj-basic", "traj-basic_gui_mode", "traj-basic_interactions", "traj-wrong_initial_state"],
+)
+def test_import_then_export_trajectory_round_trips(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    original = FIXTURE / f"{name}.json"
+    data = str(tmp_path / "data")
+    assert main(["import-trajectory", str(original), "t", "--data-dir", data]) == 0
+    count = len(json.loads(original.read_text()))
+    assert capsys.readouterr().out == f"imported {count} events into stream 't' in {data}\n"
+    out = tmp_path / "out.json"
+    assert main(["export-trajectory", "t", str(out), "--data-dir", data]) == 0
+    assert json.loads(out.read_text()) == json.loads(original.read_text())
+
+
+def test_trajectory_commands_refuse_what_would_lose_or_invent_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(tmp_path / "data")
+    trajectory = str(FIXTURE / "traj-basic.json")
+    assert main(["import-trajectory", str(tmp_path / "nope.json"), "t", "--data-dir", data]) == 1
+    assert "nope.json: no such file" in capsys.readouterr().err
+    assert main(["export-trajectory", "t", str(tmp_path / "x.json"), "--data-dir", data]) == 1
+    assert "no stream 't'" in capsys.readouterr().err
+    assert main(["import-trajectory", trajectory, "t", "--data-dir", data]) == 0
+    assert main(["import-trajectory", trajectory, "t", "--data-dir", data]) == 1
+    assert "stream 't' already has events" in capsys.readouterr().err
+    existing = tmp_path / "existing.json"
+    existing.write_text("[]")
+    assert main(["export-trajectory", "t", str(existing), "--data-dir", data]) == 1
+    assert "existing.json exists; write to a new file" in capsys.readouterr().err
+    assert existing.read_text() == "[]"
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["import-openhands", str(tmp_path), "missing", "--data-dir", str(tmp_path / "d")]
     assert main(args) == 1

@@ -44,7 +44,12 @@ from .errors import StreamLocked, TrioEventsError
 from .events import Event, EventSource, PayloadRegistry, encode_event
 from .filters import EventFilter
 from .hub import open_event_hub
-from .openhands import export_conversation, import_conversation
+from .openhands import (
+    export_conversation,
+    export_trajectory,
+    import_conversation,
+    import_trajectory,
+)
 from .store.base import EventStore
 from .store.log import LogStore, lock_file
 from .store.memory import MemoryStore
@@ -507,17 +512,20 @@ async def _import(args: argparse.Namespace) -> None:
     print(f"imported {count} events into stream {stream_id!r} in {args.data_dir}")
 
 
+async def _check_stream_exists(store: LogStore, stream_id: str, data_dir: str) -> None:
+    """Refuse to export a stream the directory does not hold: opening it would create it."""
+    stored = await store.stream_ids()
+    if stream_id not in stored:
+        held = f"its streams: {', '.join(stored[:20])}" if stored else "it holds no stream"
+        raise ValueError(
+            f"no stream {stream_id!r} in {data_dir} ({held}); check the stream id and --data-dir"
+        )
+
+
 async def _export(args: argparse.Namespace) -> None:
     store = LogStore(args.data_dir)
     sid = args.sid or args.stream
-    # Checked first: opening a stream that does not exist would create it (and the directory).
-    stored = await store.stream_ids()
-    if args.stream not in stored:
-        held = f"its streams: {', '.join(stored[:20])}" if stored else "it holds no stream"
-        raise ValueError(
-            f"no stream {args.stream!r} in {args.data_dir} ({held}); check the stream id and "
-            f"--data-dir"
-        )
+    await _check_stream_exists(store, args.stream, args.data_dir)
     try:
         with _progress(f"exporting {args.stream}") as progress:
             count = await export_conversation(
@@ -533,6 +541,43 @@ async def _export(args: argparse.Namespace) -> None:
     finally:
         await store.aclose()
     print(f"exported {count} events of stream {args.stream!r} to {args.root} as {sid!r}")
+
+
+async def _import_trajectory(args: argparse.Namespace) -> None:
+    if not await trio.Path(args.file).is_file():
+        raise ValueError(f"{args.file}: no such file (an OpenHands trajectory: a JSON array)")
+    store = LogStore(args.data_dir)
+    try:
+        with _progress(f"importing {args.file.name}") as progress:
+            count = await import_trajectory(
+                args.file,
+                store,
+                args.stream,
+                secrets=_secrets_from_env(args.secret_env),
+                progress=progress,
+            )
+    finally:
+        await store.aclose()
+    print(f"imported {count} events into stream {args.stream!r} in {args.data_dir}")
+
+
+async def _export_trajectory(args: argparse.Namespace) -> None:
+    if await trio.Path(args.file).exists():
+        raise ValueError(f"{args.file} exists; write to a new file (or delete that one first)")
+    store = LogStore(args.data_dir)
+    await _check_stream_exists(store, args.stream, args.data_dir)
+    try:
+        with _progress(f"exporting {args.stream}") as progress:
+            count = await export_trajectory(
+                store,
+                args.stream,
+                args.file,
+                secrets=_secrets_from_env(args.secret_env),
+                progress=progress,
+            )
+    finally:
+        await store.aclose()
+    print(f"exported {count} events of stream {args.stream!r} to {args.file}")
 
 
 # --- tail and publish -------------------------------------------------------------------------
@@ -929,6 +974,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--user-id", help="write users/USER_ID/conversations/SID instead")
     exp.add_argument("--cache-size", type=int, default=25, help="events per cache page (25)")
     exp.add_argument("--secret-env", action="append", default=[], metavar="VAR", help=secret_help)
+
+    imt = commands.add_parser(
+        "import-trajectory", help="copy an OpenHands trajectory file into a new stream"
+    )
+    imt.add_argument("file", type=Path, help="the trajectory: a JSON array of event dicts")
+    imt.add_argument("stream", help="the stream id to create")
+    imt.add_argument("--data-dir", required=True, help="the LogStore directory to import into")
+    imt.add_argument("--secret-env", action="append", default=[], metavar="VAR", help=secret_help)
+
+    ext = commands.add_parser(
+        "export-trajectory", help="write a stream out as an OpenHands trajectory file"
+    )
+    ext.add_argument("stream", help="the stream id to export")
+    ext.add_argument("file", type=Path, help="the trajectory file to write (must not exist)")
+    ext.add_argument("--data-dir", required=True, help="the LogStore directory holding it")
+    ext.add_argument("--secret-env", action="append", default=[], metavar="VAR", help=secret_help)
     return parser
 
 
@@ -1017,6 +1078,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_publish, args, _token(args.command, args.token_env))
         elif args.command == "import-openhands":
             trio.run(_import, args)
+        elif args.command == "import-trajectory":
+            trio.run(_import_trajectory, args)
+        elif args.command == "export-trajectory":
+            trio.run(_export_trajectory, args)
         else:
             if args.cache_size < 1:
                 parser.error(f"--cache-size must be at least 1 (events), not {args.cache_size}")
@@ -1061,7 +1126,7 @@ def _user_message(args: argparse.Namespace, exc: BaseException) -> str:
             f"cannot listen on {_url_host(args.host)}:{args.port}: the port is in use (another "
             f"trio-events serve?); choose another with --port, or --port 0 for any free one"
         )
-    if isinstance(exc, StreamLocked) and args.command in ("import-openhands", "export-openhands"):
+    if isinstance(exc, StreamLocked) and args.command.endswith(("-openhands", "-trajectory")):
         return (
             f"{exc}: stop the trio-events serve that has it open, or wait until it closes the "
             f"stream (--idle-timeout after its last client)"
