@@ -161,17 +161,22 @@ def test_converting_a_stream_a_server_has_open_says_what_to_do(
     assert len(err.strip().splitlines()) == 1
 
 
-async def test_serve_publishes_and_replays_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "trio_events.cli", "serve"]
-    command += ["--data-dir", str(tmp_path), "--port", "0"]
+async def _start_serve(nursery: trio.Nursery, *flags: str) -> tuple[trio.Process, bytes]:
+    """Start ``trio-events serve FLAGS --port 0`` in `nursery`: the process, its banner line."""
+    command = [sys.executable, "-m", "trio_events.cli", "serve", *flags, "--port", "0"]
     run = partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
+    server: trio.Process = await nursery.start(run)
+    assert server.stdout is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        line += await server.stdout.receive_some(1)
+    return server, line
+
+
+async def test_serve_publishes_and_replays_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            server: trio.Process = await nursery.start(run)
-            assert server.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await server.stdout.receive_some(1)
+            server, line = await _start_serve(nursery, "--data-dir", str(tmp_path))
             url = line.split()[3].decode().replace("/v1/streams/ID", "/v1/streams/conv-1")
             async with open_websocket_url(url) as ws:
                 hello = orjson.loads(await ws.get_message())
@@ -194,16 +199,9 @@ async def test_serve_openhands_serves_conversations_read_only(tmp_path: Path) ->
     root = tmp_path / "openhands"
     shutil.copytree(FIXTURE / "conversation-dir", root)
     before = sorted((p, p.read_bytes()) for p in root.rglob("*") if p.is_file())
-    command = [sys.executable, "-m", "trio_events.cli", "serve", "--openhands", str(root)]
-    command += ["--port", "0"]
-    run = partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            server: trio.Process = await nursery.start(run)
-            assert server.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await server.stdout.receive_some(1)
+            server, line = await _start_serve(nursery, "--openhands", str(root))
             assert b"OpenHands conversations in" in line
             assert b"read-only" in line
             base = line.split()[3].decode().replace("/v1/streams/ID", "/v1/streams/")

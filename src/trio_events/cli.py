@@ -493,23 +493,18 @@ async def _serve_hub(
                     break
 
 
-async def _import(args: argparse.Namespace) -> None:
-    store = LogStore(args.data_dir)
-    stream_id = args.stream or args.sid
+_ProgressCallback = Callable[[int, int], object]
+
+
+async def _copying(
+    store: LogStore, description: str, copy: Callable[[_ProgressCallback], Awaitable[int]]
+) -> int:
+    """Run ``copy(progress)`` with a progress bar, then close `store`; the events copied."""
     try:
-        with _progress(f"importing {args.sid}") as progress:
-            count = await import_conversation(
-                args.root,
-                args.sid,
-                store,
-                stream_id,
-                user_id=args.user_id,
-                secrets=_secrets_from_env(args.secret_env),
-                progress=progress,
-            )
+        with _progress(description) as progress:
+            return await copy(progress)
     finally:
         await store.aclose()
-    print(f"imported {count} events into stream {stream_id!r} in {args.data_dir}")
 
 
 async def _check_stream_exists(store: LogStore, stream_id: str, data_dir: str) -> None:
@@ -522,61 +517,65 @@ async def _check_stream_exists(store: LogStore, stream_id: str, data_dir: str) -
         )
 
 
+async def _import(args: argparse.Namespace) -> None:
+    secrets = _secrets_from_env(args.secret_env)
+    store = LogStore(args.data_dir)
+    stream_id = args.stream or args.sid
+    count = await _copying(
+        store,
+        f"importing {args.sid}",
+        lambda progress: import_conversation(
+            args.root, args.sid, store, stream_id, user_id=args.user_id, secrets=secrets,
+            progress=progress,
+        ),
+    )  # fmt: skip
+    print(f"imported {count} events into stream {stream_id!r} in {args.data_dir}")
+
+
 async def _export(args: argparse.Namespace) -> None:
+    secrets = _secrets_from_env(args.secret_env)
     store = LogStore(args.data_dir)
     sid = args.sid or args.stream
     await _check_stream_exists(store, args.stream, args.data_dir)
-    try:
-        with _progress(f"exporting {args.stream}") as progress:
-            count = await export_conversation(
-                store,
-                args.stream,
-                args.root,
-                sid,
-                user_id=args.user_id,
-                cache_size=args.cache_size,
-                secrets=_secrets_from_env(args.secret_env),
-                progress=progress,
-            )
-    finally:
-        await store.aclose()
+    count = await _copying(
+        store,
+        f"exporting {args.stream}",
+        lambda progress: export_conversation(
+            store, args.stream, args.root, sid, user_id=args.user_id,
+            cache_size=args.cache_size, secrets=secrets, progress=progress,
+        ),
+    )  # fmt: skip
     print(f"exported {count} events of stream {args.stream!r} to {args.root} as {sid!r}")
 
 
 async def _import_trajectory(args: argparse.Namespace) -> None:
     if not await trio.Path(args.file).is_file():
         raise ValueError(f"{args.file}: no such file (an OpenHands trajectory: a JSON array)")
+    secrets = _secrets_from_env(args.secret_env)
     store = LogStore(args.data_dir)
-    try:
-        with _progress(f"importing {args.file.name}") as progress:
-            count = await import_trajectory(
-                args.file,
-                store,
-                args.stream,
-                secrets=_secrets_from_env(args.secret_env),
-                progress=progress,
-            )
-    finally:
-        await store.aclose()
+    count = await _copying(
+        store,
+        f"importing {args.file.name}",
+        lambda progress: import_trajectory(
+            args.file, store, args.stream, secrets=secrets, progress=progress
+        ),
+    )
     print(f"imported {count} events into stream {args.stream!r} in {args.data_dir}")
 
 
 async def _export_trajectory(args: argparse.Namespace) -> None:
     if await trio.Path(args.file).exists():
         raise ValueError(f"{args.file} exists; write to a new file (or delete that one first)")
+    secrets = _secrets_from_env(args.secret_env)
     store = LogStore(args.data_dir)
     await _check_stream_exists(store, args.stream, args.data_dir)
-    try:
-        with _progress(f"exporting {args.stream}") as progress:
-            count = await export_trajectory(
-                store,
-                args.stream,
-                args.file,
-                secrets=_secrets_from_env(args.secret_env),
-                progress=progress,
-            )
-    finally:
-        await store.aclose()
+    count = await _copying(
+        store,
+        f"exporting {args.stream}",
+        lambda progress: export_trajectory(
+            store, args.stream, args.file, secrets=secrets, progress=progress
+        ),
+    )
     print(f"exported {count} events of stream {args.stream!r} to {args.file}")
 
 
