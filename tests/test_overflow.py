@@ -488,6 +488,32 @@ async def _take(sub: te.Subscription, style: str) -> te.Event:
     return event
 
 
+class _AnsweringAgent:
+    """The task of a BLOCK subscription: takes event 0, waits for `go`, publishes an answer
+    to the same stream (keeping a refusal), then takes events up to `last`."""
+
+    def __init__(self, stream: te.EventStream, last: int) -> None:
+        self.stream = stream
+        self.last = last
+        self.received: list[int] = []
+        self.refused: list[RuntimeError] = []
+        self.taken, self.go, self.finished = trio.Event(), trio.Event(), trio.Event()
+
+    async def run(self, events: AsyncIterator[te.Event]) -> None:
+        async for taken in events:
+            self.received.append(taken.id)
+            if taken.id == 0:
+                self.taken.set()
+                await self.go.wait()
+                try:
+                    await self.stream.publish({}, source=AGENT, type="answer")
+                except RuntimeError as exc:
+                    self.refused.append(exc)
+            if taken.id == self.last:
+                self.finished.set()
+                return
+
+
 @pytest.mark.parametrize("style", ["async for", "anext", "receive_batch"])
 async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is_refused(
     style: str,
@@ -496,10 +522,8 @@ async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is
     # the writer for the router: the publish could never be stored. It raises, and the stream
     # goes on once the task takes events again.
     n = 40
-    refused: list[RuntimeError] = []
-    received: list[int] = []
-    stalled, go, finished = trio.Event(), trio.Event(), trio.Event()
     async with open_stream() as (stream, nursery):
+        agent = _AnsweringAgent(stream, last=n - 1)
         async with stream.subscription(buffer=1, overflow=te.Overflow.BLOCK) as sub:
 
             async def events() -> AsyncIterator[te.Event]:
@@ -509,35 +533,21 @@ async def test_a_block_subscriptions_task_publishing_when_that_would_deadlock_is
                 while True:
                     yield await _take(sub, style)
 
-            async def agent() -> None:
-                async for event in events():
-                    received.append(event.id)
-                    if event.id == 0:
-                        stalled.set()
-                        await go.wait()
-                        try:
-                            await stream.publish({}, source=AGENT, type="answer")
-                        except RuntimeError as exc:
-                            refused.append(exc)
-                    if event.id == n - 1:
-                        finished.set()
-                        return
-
             # Event 0 is queued before the task starts: it never waits for an event.
             await stream.publish({}, source=AGENT, type="first")
-            nursery.start_soon(agent)
-            await stalled.wait()
+            nursery.start_soon(agent.run, events())
+            await agent.taken.wait()
             nursery.start_soon(_flood, stream, n - 1)
             await trio.testing.wait_all_tasks_blocked()
             assert stream.get_latest_event_id() < n - 1  # the flood is held up: BLOCK
             assert stream.statistics().router_waiting_for == ("subscription", "iter-0")
-            go.set()
+            agent.go.set()
             with trio.fail_after(10):
-                await finished.wait()
-        assert received == list(range(n))
+                await agent.finished.wait()
+        assert agent.received == list(range(n))
         assert stream.get_latest_event_id() == n - 1  # the refused answer was not stored
-    assert len(refused) == 1
-    message = str(refused[0])
+    assert len(agent.refused) == 1
+    message = str(agent.refused[0])
     assert "iterates BLOCK subscription subscription/iter-0 of stream 'overflow'" in message
     assert "Nothing was published" in message
 
@@ -548,10 +558,9 @@ async def test_a_queued_publish_fails_when_the_router_reaches_the_full_subscript
     # to this task's full subscription: the cycle forms there, and the publish fails.
     batches = 20
     last = 2 * batches
-    refused: list[RuntimeError] = []
-    received: list[int] = []
-    taken, go, release, finished = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+    release = trio.Event()
     async with open_stream() as (stream, nursery):
+        agent = _AnsweringAgent(stream, last)
         async with (
             stream.subscription(buffer=2, overflow="block", subscriber_id="slow") as slow,
             stream.subscription(buffer=1, overflow="block", subscriber_id="agent") as mine,
@@ -563,40 +572,26 @@ async def test_a_queued_publish_fails_when_the_router_reaches_the_full_subscript
                     if event.id == last:
                         return
 
-            async def agent() -> None:
-                async for event in mine:
-                    received.append(event.id)
-                    if event.id == 0:
-                        taken.set()
-                        await go.wait()
-                        try:
-                            await stream.publish({}, source=AGENT, type="answer")
-                        except RuntimeError as exc:
-                            refused.append(exc)
-                    if event.id == last:
-                        finished.set()
-                        return
-
             async def flood_in_pairs() -> None:
                 for _ in range(batches):
                     await stream.publish_many([{}, {}], source=AGENT, type="flood")
 
             nursery.start_soon(slow_reader)
-            nursery.start_soon(agent)
+            nursery.start_soon(agent.run, mine)
             await stream.publish({}, source=AGENT, type="flood")
-            await taken.wait()
+            await agent.taken.wait()
             nursery.start_soon(flood_in_pairs)
             await trio.testing.wait_all_tasks_blocked()
-            go.set()
+            agent.go.set()
             await trio.testing.wait_all_tasks_blocked()
-            assert not refused  # the router waits on "slow", whose task does not publish
+            assert not agent.refused  # the router waits on "slow", whose task does not publish
             release.set()
             with trio.fail_after(10):
-                await finished.wait()
-        assert received == list(range(last + 1))
+                await agent.finished.wait()
+        assert agent.received == list(range(last + 1))
         assert stream.get_latest_event_id() == last
-    assert len(refused) == 1
-    assert "subscription agent/iter-1" in str(refused[0])
+    assert len(agent.refused) == 1
+    assert "subscription agent/iter-1" in str(agent.refused[0])
 
 
 async def test_a_queued_publish_fails_when_the_writer_starts_waiting_for_the_router() -> None:
@@ -605,48 +600,31 @@ async def test_a_queued_publish_fails_when_the_writer_starts_waiting_for_the_rou
     # that publish can never be stored, and fails.
     flood = 20
     store = GatedStore()
-    refused: list[RuntimeError] = []
-    received: list[int] = []
-    taken, go, finished = trio.Event(), trio.Event(), trio.Event()
     async with (
         te.open_event_stream("s", store=store, max_batch=1) as stream,
         trio.open_nursery() as nursery,
     ):
+        agent = _AnsweringAgent(stream, last=flood)
         async with stream.subscription(buffer=1, overflow=te.Overflow.BLOCK) as sub:
-
-            async def agent() -> None:
-                async for event in sub:
-                    received.append(event.id)
-                    if event.id == 0:
-                        taken.set()
-                        await go.wait()
-                        try:
-                            await stream.publish({}, source=AGENT, type="answer")
-                        except RuntimeError as exc:
-                            refused.append(exc)
-                    if event.id == flood:
-                        finished.set()
-                        return
-
-            nursery.start_soon(agent)
+            nursery.start_soon(agent.run, sub)
             await stream.publish({}, source=AGENT, type="flood")
-            await taken.wait()
+            await agent.taken.wait()
             log = store.logs["s"]
             log.gate = trio.Event()
             for _ in range(flood):
                 nursery.start_soon(partial(stream.publish, {}, source=AGENT, type="flood"))
             await log.waiting.wait()
             await trio.testing.wait_all_tasks_blocked()
-            go.set()  # queued behind the flood: the writer is appending, not waiting
+            agent.go.set()  # queued behind the flood: the writer is appending, not waiting
             await trio.testing.wait_all_tasks_blocked()
-            assert not refused
+            assert not agent.refused
             log.gate.set()
             log.gate = None
             with trio.fail_after(10):
-                await finished.wait()
-        assert received == list(range(flood + 1))
+                await agent.finished.wait()
+        assert agent.received == list(range(flood + 1))
         assert stream.get_latest_event_id() == flood
-    assert len(refused) == 1
+    assert len(agent.refused) == 1
 
 
 async def test_a_block_subscriptions_task_may_publish_once_it_has_made_room() -> None:
