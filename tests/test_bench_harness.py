@@ -9,6 +9,8 @@ are made to look as if they had (a sabotaged check, which must turn the run into
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,9 +24,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trio_events as te
+from helpers import free_port
 from redis_helpers import REDIS_URL
 from trio_events import Overflow
 from trio_events.bench import (
+    SCENARIOS,
     BenchConfig,
     BenchReport,
     DeliveryCheck,
@@ -37,13 +41,16 @@ from trio_events.bench import (
     sweep,
     sweep_durability,
 )
+from trio_events.bench import cli as bench_cli
 from trio_events.bench import scenarios as scenarios_module
 from trio_events.bench.cli import main as bench_main
+from trio_events.bench.config import applies_to
 from trio_events.bench.measure import summarize_latency
 from trio_events.bench.plot import check_plot_available
 from trio_events.cli import main as cli_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "backpressure.md"
 # Short runs: a few hundred events, one repetition unless the test is about repetitions.
 SHORT: dict[str, Any] = {"events": 200, "warmup": 20, "repeat": 1, "timeout": 30.0}
 
@@ -198,7 +205,7 @@ async def test_a_slow_consumer_on_redis_catches_up_from_redis_and_loses_nothing(
     assert slow.catch_ups >= 1
     assert [s.delivered for s in result.subscribers] == [200, 200, 200]
     assert not result.failed, result.failures
-    with pytest.raises(ValueError, match=r"store is None .* or a Redis URL"):
+    with pytest.raises(ValueError, match=r"store is a Redis URL such as .* \(leave it out"):
         _config(store="http://127.0.0.1:6379")
 
 
@@ -300,6 +307,9 @@ def test_cli_table_shows_the_figures_and_the_verdict(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     for text in ("publisher throughput", "latency p99", "peak RSS", "lossless: ok", "machine:"):
         assert text in out
+    # Unset parameters say what they mean: no --rate is full speed, no --store is in memory.
+    assert "rate=full-speed" in out
+    assert "store=memory" in out
 
 
 @pytest.mark.parametrize(
@@ -308,7 +318,11 @@ def test_cli_table_shows_the_figures_and_the_verdict(capsys: pytest.CaptureFixtu
         pytest.param(
             ["fanout", "--buffer", "0"], "--buffer is an integer >= 1, not 0", id="buffer"
         ),
-        pytest.param(["fanout", "--rate", "0"], "--rate is a number of events per", id="rate"),
+        pytest.param(
+            ["fanout", "--rate", "0"],
+            "--rate is a number of events per second > 0, not 0.0 (leave it out for full speed)",
+            id="rate",
+        ),
         pytest.param(["fanout", "--overflow", "lossy"], "--overflow is one of block", id="policy"),
         pytest.param(["fanout", "--events", "x"], "invalid int value: 'x'", id="not-int"),
         pytest.param(
@@ -328,13 +342,98 @@ def test_cli_table_shows_the_figures_and_the_verdict(capsys: pytest.CaptureFixtu
         ),
         pytest.param(
             ["sweep", "--durabilities", "fsync"],
-            "--durabilities and --publisher-counts go with --scenario durable",
+            "--durabilities does not apply to the slow-consumer scenario, only to durable: its "
+            "sweep is --buffers x --policies",
             id="durabilities-scenario",
         ),
         pytest.param(
+            ["sweep", "--scenario", "fanout", "--publisher-counts", "1,4"],
+            "--publisher-counts does not apply to the fanout scenario, only to durable",
+            id="publisher-counts-scenario",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "durable", "--buffers", "16"],
+            "--buffers does not apply to the durable scenario: its sweep is --publisher-counts "
+            "x --durabilities",
+            id="buffers-durable",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "durable", "--buffers", "16", "--policies", "block"],
+            "--buffers and --policies do not apply to the durable scenario",
+            id="buffers-policies-durable",
+        ),
+        pytest.param(
             ["sweep", "--scenario", "durable", "--publisher-counts", "1,4", "--publishers", "2"],
-            "--publishers is the grid's axis here",
+            "--publishers is this sweep's axis: give --publisher-counts",
             id="publishers-twice",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "durable", "--durability", "none"],
+            "--durability is this sweep's axis: give --durabilities",
+            id="durability-axis",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "burst", "--buffer", "64"],
+            "--buffer is this sweep's axis: give --buffers",
+            id="buffer-axis",
+        ),
+        pytest.param(
+            ["durable", "--store", "redis://127.0.0.1:6379/0"],
+            "--store does not apply to the durable scenario, only to fanout, slow-consumer and "
+            "burst",
+            id="store-durable",
+        ),
+        pytest.param(
+            ["fanout", "--idle", "5"],
+            "--idle does not apply to the fanout scenario, only to burst",
+            id="idle-fanout",
+        ),
+        pytest.param(
+            ["fanout", "--durability", "none"],
+            "--durability does not apply to the fanout scenario, only to durable",
+            id="durability-fanout",
+        ),
+        pytest.param(
+            ["websocket", "--overflow", "block"],
+            "--overflow does not apply to the websocket scenario, only to fanout, "
+            "slow-consumer, burst and durable",
+            id="overflow-websocket",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "fanout", "--slow", "2"],
+            "--slow does not apply to the fanout scenario, only to slow-consumer",
+            id="slow-fanout-sweep",
+        ),
+        pytest.param(
+            ["sweep", "--buffers", "16,64,16"],
+            "argument --buffers: 16 is listed twice: give each buffer size once",
+            id="buffers-twice",
+        ),
+        pytest.param(
+            ["sweep", "--policies", "catch_up,CATCH_UP"],
+            "argument --policies: catch_up is listed twice: give each policy once",
+            id="policies-twice",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "durable", "--durabilities", "none,none"],
+            "argument --durabilities: none is listed twice",
+            id="durabilities-twice",
+        ),
+        pytest.param(
+            ["sweep", "--scenario", "durable", "--publisher-counts", "4,4"],
+            "argument --publisher-counts: 4 is listed twice",
+            id="publisher-counts-twice",
+        ),
+        pytest.param(
+            ["burst", "--bursts", "150", "--events", "100"],
+            "--bursts (150) must not exceed --events (100): each burst needs at least one event",
+            id="bursts-events",
+        ),
+        pytest.param(
+            ["fanout", "--store", "http://127.0.0.1:6379"],
+            "--store is a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://), "
+            "not 'http://127.0.0.1:6379' (leave it out to run on an in-memory store)",
+            id="store-url",
         ),
         pytest.param(
             ["sweep", "--scenario", "websocket", "--policies", "catch_up,block"],
@@ -349,7 +448,108 @@ def test_cli_bad_flags_say_what_to_fix(
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", *args])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    # The usage shown is the subcommand's, whose flags the message is about.
+    command = args[0] if args[0] in (*SCENARIOS, "sweep") else "[-h] SCENARIO"
+    assert err.startswith(f"usage: trio-events bench {command} ")
+    # Command-line terms, not Python ones.
+    assert "None" not in err
+    assert "MemoryStore" not in err
+
+
+def test_each_scenario_lists_only_the_flags_it_applies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for scenario, shown, hidden in [
+        ("fanout", "--store", "--idle"),
+        ("burst", "--idle", "--durability"),
+        ("durable", "--durability", "--store"),
+        ("websocket", "--clients", "--overflow"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli_main(["bench", scenario, "--help"])
+        out = capsys.readouterr().out
+        assert f"{shown} " in out
+        assert f"{hidden} " not in out
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "sweep", "--help"])
+    # The sweep takes them all, each named with the scenarios it is for (--store wraps).
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--store URL fanout, slow-consumer, burst: a Redis URL" in out
+    assert "--idle SECONDS burst: idle seconds between bursts" in out
+    assert "--buffer N durable: each subscriber's buffer" in out
+
+
+def test_the_guides_flag_table_says_where_each_flag_applies() -> None:
+    lines = GUIDE.read_text().splitlines()
+    start = lines.index("| flag | fanout | slow-consumer | burst | durable | websocket |")
+    columns = lines[start].strip("|").split("|")[1:]
+    documented: dict[str, tuple[str, ...]] = {}
+    for row in lines[start + 2 :]:
+        if not row.startswith("|"):
+            break
+        flags, *marks = row.strip("|").split("|")
+        where = tuple(c.strip() for c, mark in zip(columns, marks, strict=True) if mark.strip())
+        for flag in re.findall(r"`(--[a-z-]+)", flags):
+            documented[flag] = where
+    # Those of every scenario are listed before the table; the table has all the others.
+    common = ("events", "warmup", "repeat", "payload_bytes", "timeout")
+    assert all(applies_to(name) == SCENARIOS for name in common)
+    expected = {
+        "--" + field.name.replace("_", "-"): applies_to(field.name)
+        for field in attrs.fields(BenchConfig)
+        if field.name not in ("scenario", *common)
+    }
+    assert documented == expected
+
+
+def test_the_guides_bench_commands_pass_the_flag_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = []
+    for block in re.findall(r"```bash\n(.+?)```", GUIDE.read_text(), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["trio-events", "bench"]:
+                commands.append(words[2:])
+    assert len(commands) >= 10
+    configs: list[BenchConfig] = []
+
+    def measure_nothing(*args: Any) -> int:
+        configs.extend(arg for arg in args if isinstance(arg, BenchConfig))
+        return 0
+
+    # Everything but the measuring: parsing, the refusals and the configuration.
+    monkeypatch.setattr(bench_cli, "_run_scenario", measure_nothing)
+    monkeypatch.setattr(bench_cli, "_run_sweep", measure_nothing)
+    for words in commands:
+        assert bench_main(words) == 0, words
+    assert len(configs) == len(commands)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["fanout"], id="fanout"),
+        pytest.param(["sweep", "--scenario", "burst", "--buffers", "8"], id="sweep"),
+    ],
+)
+def test_an_unreachable_store_is_one_line_and_status_1(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    status = cli_main(["bench", *args, "--store", url, "--events", "20", "--repeat", "1"])
+    assert status == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # not Trio's exception group traceback
+    assert lines[0].startswith(f"trio-events bench {args[0]}: ")
+    assert f"could not connect to Redis at {url}; check that Redis is running" in lines[0]
+
+
+def test_bursts_must_not_outnumber_events() -> None:
+    with pytest.raises(ValueError, match=r"bursts \(5\) must not exceed events \(4\)"):
+        _config(scenario="burst", bursts=5, events=4)
+    assert _config(scenario="burst", bursts=4, events=4).bursts == 4
+    assert _config(scenario="fanout", bursts=5, events=4).events == 4  # not used there
 
 
 # --- sweeps, recommendation, chart ---------------------------------------------------------
@@ -392,6 +592,32 @@ def test_recommendation_says_when_every_setting_lost_events() -> None:
     unreachable = attrs.evolve(result, base=attrs.evolve(result.base, rate=1e12))
     assert "no lossless setting reached 950,000,000,000 events/s" in recommend(unreachable)
     assert "the fastest lossless one is CATCH_UP" in recommend(unreachable)
+
+
+def test_a_sweep_refuses_a_value_listed_twice() -> None:
+    base = _config(scenario="fanout")
+    with pytest.raises(ValueError, match="buffers lists 16 twice"):
+        sweep(base, [16, 32, 16], ["catch_up"])
+    with pytest.raises(ValueError, match="policies lists CATCH_UP twice"):
+        sweep(base, [16], ["catch_up", Overflow.CATCH_UP])
+    durable = _config(scenario="durable")
+    with pytest.raises(ValueError, match="publisher counts lists 2 twice"):
+        sweep_durability(durable, [2, 2], ["none"])
+    with pytest.raises(ValueError, match="durabilities lists none twice"):
+        sweep_durability(durable, [1], ["none", "none"])
+
+
+def test_cli_durable_sweep_is_publishers_by_durability_by_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["bench", "sweep", "--scenario", "durable", "--subscribers", "1", "--events", "8"]
+    args += ["--warmup", "0", "--repeat", "1", "--json"]
+    assert cli_main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["x_field"], data["xs"]) == ("publishers", [1, 4, 16])
+    assert (data["line_field"], data["lines"]) == ("durability", ["fsync", "interval", "none"])
+    assert len(data["cells"]) == 9
+    assert "fsync peaks at" in data["recommendation"]
 
 
 def test_durability_sweep_names_the_best_concurrency_per_durability(tmp_path: Path) -> None:

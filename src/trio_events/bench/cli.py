@@ -4,7 +4,9 @@
 ``burst``, ``durable``, ``websocket``) and prints a table (``--json``: JSON);
 ``trio-events bench sweep --scenario S --buffers 16,64 --policies catch_up,block [--plot
 out.png]`` runs a grid. Exit status: 0, 1 when a run failed (a lossless policy lost events,
-a timeout...), 2 for bad flags, 130 when interrupted (after printing what was measured).
+a timeout...) or could not start (an unreachable ``--store``...), 2 for bad flags (a flag
+that the scenario would ignore included), 130 when interrupted (after printing what was
+measured).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any, cast, get_args
 import attrs
 from rich.console import Console
 
+from ..errors import TrioEventsError
 from ..subscribers import Overflow
-from .config import SCENARIOS, BenchConfig, Durability, Scenario
+from .config import SCENARIOS, BenchConfig, Durability, Scenario, applies_to
 from .plot import PlotUnavailable, check_plot_available, plot_sweep
 from .report import report_json, show_report, show_sweep, sweep_json
 from .results import RunResult
@@ -34,7 +37,8 @@ _PROG = "trio-events bench"
 _PIPE_WIDTH = 160
 _DEFAULTS = {field.name: field.default for field in attrs.fields(BenchConfig)}
 
-# (field, type, help); the default comes from `BenchConfig`.
+# (field, type, help); the default comes from `BenchConfig`, and the scenarios a flag applies
+# to (named in the sweep's help and in errors) from `applies_to`.
 _FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("events", int, "events published and measured per run"),
     ("warmup", int, "events published and delivered before measuring"),
@@ -48,19 +52,27 @@ _FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("batch", int, "events per publish call (publish_many when > 1)"),
     ("buffer", int, "each subscriber's buffer, in events"),
     ("overflow", str, "overflow policy: block, catch_up, drop_oldest, drop_newest, disconnect"),
-    ("slow", int, "slow-consumer: how many subscribers are slow"),
-    ("slow_cost", float, "slow-consumer: seconds a slow subscriber spends per event"),
-    ("stall", float, "slow-consumer: seconds the slow ones stall when measuring starts"),
-    ("bursts", int, "burst: number of bursts the events come in"),
-    ("idle", float, "burst: idle seconds between bursts"),
-    ("durability", str, "durable: LogStore durability, fsync, interval or none"),
-    ("publishers", int, "durable: concurrent publisher tasks"),
-    ("clients", int, "websocket: WebSocket clients in all"),
-    ("client_procs", int, "websocket: processes holding the clients"),
-    ("ws_mode", str, "websocket: live (clients level, then publish) or replay (stored first)"),
-    ("store", str, "fanout, slow-consumer, burst: a Redis URL (redis://HOST:PORT/DB) to run on"),
+    ("slow", int, "how many subscribers are slow"),
+    ("slow_cost", float, "seconds a slow subscriber spends per event"),
+    ("stall", float, "seconds the slow ones stall when measuring starts"),
+    ("bursts", int, "number of bursts the events come in, at most --events"),
+    ("idle", float, "idle seconds between bursts"),
+    ("durability", str, "LogStore durability, fsync, interval or none"),
+    ("publishers", int, "concurrent publisher tasks"),
+    ("clients", int, "WebSocket clients in all"),
+    ("client_procs", int, "processes holding the clients"),
+    ("ws_mode", str, "live (clients level, then publish) or replay (stored first)"),
+    ("store", str, "a Redis URL (redis://HOST:PORT/DB) to run on (default: in memory)"),
 )
-_GRID = ("buffer", "overflow")
+# The fields a sweep varies, each with the sweep flag that lists its values: for the durable
+# scenario (True), and for the others.
+_AXES: dict[bool, dict[str, str]] = {
+    True: {"publishers": "--publisher-counts", "durability": "--durabilities"},
+    False: {"buffer": "--buffers", "overflow": "--policies"},
+}
+_DEFAULT_BUFFERS = [16, 64, 256, 1024]
+_DEFAULT_POLICIES = [Overflow.CATCH_UP, Overflow.DROP_OLDEST, Overflow.BLOCK]
+_DEFAULT_PUBLISHER_COUNTS = [1, 4, 16]
 _METAVARS = {
     "rate": "EVENTS_PER_S",
     "overflow": "POLICY",
@@ -75,21 +87,69 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_flags(parser: argparse.ArgumentParser, *, grid: bool) -> None:
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _listing(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _axes(scenario: str) -> dict[str, str]:
+    """The fields `scenario`'s sweep varies, each with the flag that gives its values."""
+    return _AXES[scenario == "durable"]
+
+
+def _sweep_usable(name: str) -> tuple[Scenario, ...]:
+    """The scenarios whose sweep takes flag `name`: those it applies to, but not as an axis."""
+    return tuple(s for s in applies_to(name) if name not in _axes(s))
+
+
+def _flag_help(name: str, text: str, scenario: Scenario | None) -> str:
+    """A flag's help; for the sweep (`scenario` None), prefixed with the scenarios it is for.
+
+    Flags that the parser's scenario (or every sweep) would ignore are hidden from --help:
+    they are parsed only to be refused with a message that says where they belong.
+    """
+    if scenario is None:
+        where = _sweep_usable(name)
+        hidden = not where
+    else:
+        where = applies_to(name)
+        hidden = scenario not in where
+    if hidden:
+        return argparse.SUPPRESS
+    default = _DEFAULTS[name]
+    shown = default.value if isinstance(default, Overflow) else default
+    text += "" if shown is None else f" (default {shown})"
+    if scenario is None and len(where) < len(SCENARIOS):
+        text = f"{', '.join(where)}: {text}"
+    return text
+
+
+def _add_flags(parser: argparse.ArgumentParser, *, scenario: Scenario | None) -> None:
+    """The flags of `scenario`'s parser, or with `scenario` None of the sweep's."""
     for name, kind, text in _FLAGS:
-        if grid and name in _GRID:
-            continue
-        default = _DEFAULTS[name]
-        shown = default.value if isinstance(default, Overflow) else default
-        suffix = "" if shown is None else f" (default {shown})"
         parser.add_argument(
             _flag(name),
             dest=name,
             type=kind,
             metavar=_METAVARS.get(name, "N" if kind is int else "SECONDS"),
-            help=text + suffix,
+            help=_flag_help(name, text, scenario),
         )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _once(values: Sequence[Any], what: str, shown: Callable[[Any], str] = str) -> None:
+    """Refuse a value listed twice (an argparse type's check): its cell would run twice."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise argparse.ArgumentTypeError(
+                f"{shown(value)} is listed twice: give each {what} once"
+            )
+        seen.add(value)
 
 
 def _int_list(what: str, example: str) -> Callable[[str], list[int]]:
@@ -104,9 +164,10 @@ def _int_list(what: str, example: str) -> Callable[[str], list[int]]:
                 value = 0
             if value < 1:
                 raise argparse.ArgumentTypeError(
-                    f"{item.strip()!r} is not {what}: give integers >= 1, e.g. {example}"
+                    f"{item.strip()!r} is not a {what}: give integers >= 1, e.g. {example}"
                 )
             values.append(value)
+        _once(values, what)
         return values
 
     return parse
@@ -120,14 +181,17 @@ def _durability_list(text: str) -> list[str]:
             raise argparse.ArgumentTypeError(
                 f"{value!r} is not a durability: use {', '.join(allowed)}"
             )
+    _once(values, "durability")
     return values
 
 
 def _policy_list(text: str) -> list[Overflow]:
     try:
-        return [Overflow.parse(item) for item in text.split(",")]
+        policies = [Overflow.parse(item) for item in text.split(",")]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace("unknown", "not an")) from None
+    _once(policies, "policy", lambda policy: str(policy.value))
+    return policies
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,8 +201,8 @@ def _parser() -> argparse.ArgumentParser:
             "Measure backpressure settings (buffer sizes, overflow policies, durability) under "
             "a load like yours. See docs/backpressure.md."
         ),
-        epilog="Exit status: 0 ok, 1 a run failed (e.g. a lossless policy lost events), "
-        "2 bad flags, 130 interrupted.",
+        epilog="Exit status: 0 ok, 1 a run failed or could not start (e.g. a lossless policy "
+        "lost events, or no Redis answered at --store), 2 bad flags, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="SCENARIO")
     helps = {
@@ -149,58 +213,100 @@ def _parser() -> argparse.ArgumentParser:
         "websocket": "a server process and client processes (--ws-mode live or replay)",
     }
     for scenario in SCENARIOS:
-        _add_flags(commands.add_parser(scenario, help=helps[scenario]), grid=False)
+        command = commands.add_parser(
+            scenario, help=helps[scenario], description=f"Run the {scenario} scenario."
+        )
+        _add_flags(command, scenario=scenario)
+        # Errors found after parsing show this usage, not the top-level one.
+        command.set_defaults(command_parser=command)
     grid = commands.add_parser(
         "sweep",
-        help="run a scenario over buffer sizes x overflow policies, and recommend one",
-        description="Run --scenario for every buffer size x overflow policy; print the grid, "
-        "a recommendation, and with --plot a PNG chart (needs the plot extra).",
+        help="run a scenario over buffer sizes x overflow policies (durable: publisher "
+        "counts x durabilities), and recommend one",
+        description="Run --scenario for every buffer size x overflow policy (--scenario "
+        "durable: every publisher count x durability); print the grid, a recommendation, and "
+        "with --plot a PNG chart (needs the plot extra).",
     )
+    grid.set_defaults(command_parser=grid)
     grid.add_argument(
         "--scenario", choices=SCENARIOS, default="slow-consumer", help="(default slow-consumer)"
     )
     grid.add_argument(
         "--buffers",
-        type=_int_list("a buffer size", "16,64,256"),
-        default=[16, 64, 256, 1024],
+        type=_int_list("buffer size", "16,64,256"),
         metavar="N,N,...",
-        help="comma-separated buffer sizes (default 16,64,256,1024)",
+        help="all but durable: comma-separated buffer sizes (default 16,64,256,1024)",
     )
     grid.add_argument(
         "--policies",
         type=_policy_list,
-        default=[Overflow.CATCH_UP, Overflow.DROP_OLDEST, Overflow.BLOCK],
         metavar="POLICY,...",
-        help="comma-separated overflow policies (default catch_up,drop_oldest,block)",
+        help="all but durable: comma-separated overflow policies (default "
+        "catch_up,drop_oldest,block)",
+    )
+    grid.add_argument(
+        "--publisher-counts",
+        type=_int_list("publisher count", "1,4,16"),
+        metavar="N,N,...",
+        help="durable: comma-separated publisher counts (default 1,4,16)",
     )
     grid.add_argument(
         "--durabilities",
         type=_durability_list,
         metavar="D,...",
-        help="--scenario durable: sweep publisher counts x these durabilities instead "
-        "(default fsync,interval,none)",
-    )
-    grid.add_argument(
-        "--publisher-counts",
-        type=_int_list("a publisher count", "1,4,16"),
-        metavar="N,N,...",
-        help="--scenario durable: the publisher counts of that sweep (default 1,4,16)",
+        help="durable: comma-separated durabilities (default fsync,interval,none)",
     )
     grid.add_argument(
         "--plot", metavar="PNG", help="write a chart of p99 and drops (or throughput) to PNG"
     )
-    _add_flags(grid, grid=True)
+    _add_flags(grid, scenario=None)
     return parser
 
 
+def _refuse_other_grid(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, scenario: Scenario
+) -> None:
+    """Refuse the grid flags of the other kind of sweep than `scenario`'s."""
+    durable = scenario == "durable"
+    given = [flag for flag in _AXES[not durable].values() if getattr(args, _dest(flag)) is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        only = "" if durable else ", only to durable"
+        parser.error(
+            f"{_listing(given)} {verb} not apply to the {scenario} scenario{only}: its sweep "
+            f"is {' x '.join(_AXES[durable].values())}"
+        )
+
+
+def _refuse_ignored_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, scenario: Scenario, *, sweep: bool
+) -> None:
+    """Refuse every flag given that `scenario` (or its `sweep`) would ignore, saying why.
+
+    Silently ignoring one would measure something else than the user asked for (a run on
+    Redis that never contacts Redis, say). A sweep ignores the single values of its axes.
+    """
+    for name, _, _ in _FLAGS:
+        if getattr(args, name) is None:
+            continue
+        where = applies_to(name)
+        if scenario not in where:
+            parser.error(
+                f"{_flag(name)} does not apply to the {scenario} scenario, only to "
+                f"{_listing(where)}"
+            )
+        if sweep and name in _axes(scenario):
+            parser.error(f"{_flag(name)} is this sweep's axis: give {_axes(scenario)[name]}")
+
+
 def _config(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, scenario: str
+    parser: argparse.ArgumentParser, args: argparse.Namespace, scenario: Scenario
 ) -> BenchConfig:
     given = {
         name: getattr(args, name) for name, _, _ in _FLAGS if getattr(args, name, None) is not None
     }
     try:
-        return BenchConfig(scenario=cast(Scenario, scenario), **given)
+        return BenchConfig(scenario=scenario, **given)
     except ValueError as exc:
         # The message names fields; the user typed flags.
         names = "|".join(name for name, _, _ in _FLAGS)
@@ -263,17 +369,16 @@ def _run_sweep(
         folder = chart.resolve().parent
         if not folder.is_dir():
             parser.error(f"--plot {args.plot}: no directory {folder} to write the chart into")
-    durability_grid = args.durabilities is not None or args.publisher_counts is not None
+    # `_refuse_other_grid` has made sure that only this scenario's grid flags were given.
+    durability_grid = config.scenario == "durable"
     if durability_grid:
-        if config.scenario != "durable":
-            parser.error("--durabilities and --publisher-counts go with --scenario durable")
-        if args.publishers is not None:
-            parser.error("--publishers is the grid's axis here: give --publisher-counts")
-        counts = args.publisher_counts or [1, 4, 16]
+        counts = args.publisher_counts or _DEFAULT_PUBLISHER_COUNTS
         durabilities = args.durabilities or list(get_args(Durability))
         total = len(counts) * len(durabilities)
     else:
-        total = len(args.buffers) * len(args.policies)
+        buffers = args.buffers or _DEFAULT_BUFFERS
+        policies = args.policies or _DEFAULT_POLICIES
+        total = len(buffers) * len(policies)
     with _progress(err, total, "cell") as step:
 
         def on_cell(done: int, _: int, cell: SweepCell) -> None:
@@ -283,7 +388,7 @@ def _run_sweep(
             result = sweep_durability(config, counts, durabilities, on_cell=on_cell)
         else:
             try:
-                result = sweep(config, args.buffers, args.policies, on_cell=on_cell)
+                result = sweep(config, buffers, policies, on_cell=on_cell)
             except ValueError as exc:
                 parser.error(str(exc).replace("policies catch_up", "--policies catch_up"))
     if args.json:
@@ -298,11 +403,30 @@ def _run_sweep(
     return 1 if result.failed else 0
 
 
+def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception at the bottom of nested one-exception groups (Trio's), else None."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _could_not_run(command: str, exc: BaseException) -> int:
+    """Say on one line why the runs could not go on (the error says what to fix); status 1."""
+    print(f"{_PROG} {command}: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str]) -> int:
     """Run ``trio-events bench`` with these arguments (those after ``bench``)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    scenario = args.scenario if args.command == "sweep" else args.command
+    args = _parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.command_parser
+    scenario = cast(Scenario, args.scenario if args.command == "sweep" else args.command)
+    if args.command == "sweep":
+        _refuse_other_grid(parser, args, scenario)
+    _refuse_ignored_flags(parser, args, scenario, sweep=args.command == "sweep")
     config = _config(parser, args, scenario)
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
     if not out.is_terminal:
@@ -316,3 +440,12 @@ def main(argv: Sequence[str]) -> int:
         # Only when Ctrl+C lands while printing: measuring stops cleanly by itself.
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+    except (TrioEventsError, ValueError, OSError) as exc:
+        # Such as a --store where no Redis answers: like ``trio-events serve --store``.
+        return _could_not_run(args.command, exc)
+    except BaseExceptionGroup as group:
+        # Trio raises a run's error inside a group: one such error is still just that.
+        leaf = _single_error(group)
+        if not isinstance(leaf, TrioEventsError | ValueError | OSError):
+            raise
+        return _could_not_run(args.command, leaf)

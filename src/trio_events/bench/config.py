@@ -16,7 +16,15 @@ import attrs
 from .._urls import safe_url
 from ..subscribers import Overflow
 
-__all__ = ["SCENARIOS", "BenchConfig", "CostMode", "Durability", "Scenario", "WebsocketMode"]
+__all__ = [
+    "SCENARIOS",
+    "BenchConfig",
+    "CostMode",
+    "Durability",
+    "Scenario",
+    "WebsocketMode",
+    "applies_to",
+]
 
 Scenario = Literal["fanout", "slow-consumer", "burst", "durable", "websocket"]
 CostMode = Literal["sleep", "busy"]
@@ -42,6 +50,14 @@ _USED: dict[str, tuple[str, ...]] = {
 }
 
 
+def applies_to(name: str) -> tuple[Scenario, ...]:
+    """The scenarios whose runs read the field `name` (every one for the common fields).
+
+    The command line refuses a flag that the scenario would ignore, and names these.
+    """
+    return tuple(s for s in SCENARIOS if name in _COMMON or name in _USED[s])
+
+
 def _int_at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], int], None]:
     def check(_: object, attribute: attrs.Attribute[int], value: int) -> None:
         if type(value) is not int or value < minimum:
@@ -65,8 +81,8 @@ def _rate(_: object, attribute: attrs.Attribute[float | None], value: float | No
         return
     if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
         raise ValueError(
-            f"{attribute.name} is a number of events per second > 0 (or None: full speed), "
-            f"not {value!r}"
+            f"{attribute.name} is a number of events per second > 0, not {value!r} "
+            f"(leave it out for full speed)"
         )
 
 
@@ -75,8 +91,8 @@ def _store_url(_: object, attribute: attrs.Attribute[str | None], value: str | N
         isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://"))
     ):
         raise ValueError(
-            f"{attribute.name} is None (a MemoryStore) or a Redis URL such as "
-            f"redis://127.0.0.1:6379/0, not {value!r}"
+            f"{attribute.name} is a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, "
+            f"unix://), not {value!r} (leave it out to run on an in-memory store)"
         )
 
 
@@ -169,6 +185,11 @@ class BenchConfig:
             raise ValueError(
                 f"slow ({self.slow}) must be below subscribers ({self.subscribers}): the "
                 f"scenario compares slow subscribers with healthy ones"
+            )
+        if self.scenario == "burst" and self.bursts > self.events:
+            raise ValueError(
+                f"bursts ({self.bursts}) must not exceed events ({self.events}): each burst "
+                f"needs at least one event"
             )
         if self.scenario == "websocket" and self.client_procs > self.clients:
             raise ValueError(

@@ -82,9 +82,14 @@ def _roles_table(run: RunResult) -> Table:
     return table
 
 
+# What a parameter left unset (None) means, as the parameters line shows it.
+_UNSET = {"rate": "full-speed", "store": "memory"}
+
+
 def _parameters_line(parameters: dict[str, Any]) -> str:
+    """``parameters: k=v ...``, with an unset parameter shown as what it means."""
     return "parameters: " + " ".join(
-        f"{k}={'full-speed' if v is None else v}" for k, v in parameters.items()
+        f"{k}={_UNSET.get(k, 'unset') if v is None else v}" for k, v in parameters.items()
     )
 
 

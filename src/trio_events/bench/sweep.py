@@ -95,12 +95,23 @@ class SweepResult:
         return any(cell.report.failed for cell in self.cells)
 
 
+def _check_unique(name: str, values: Sequence[object]) -> None:
+    """Refuse a value listed twice: its cells would be run (and shown) twice."""
+    seen: set[object] = set()
+    for value in values:
+        if value in seen:
+            shown = value.name if isinstance(value, Overflow) else value
+            raise ValueError(f"{name} lists {shown} twice: give each value once")
+        seen.add(value)
+
+
 def _check_sizes(name: str, sizes: Sequence[int]) -> None:
     if not sizes:
         raise ValueError(f"{name} is empty: give at least one")
     for size in sizes:
         if type(size) is not int or size < 1:
             raise ValueError(f"{name} are integers >= 1, not {size!r}")
+    _check_unique(name, sizes)
 
 
 def _sweep(
@@ -162,6 +173,7 @@ def sweep(
     if not policies:
         raise ValueError("policies is empty: give at least one overflow policy")
     overflows = [Overflow.parse(policy) for policy in policies]
+    _check_unique("policies", overflows)
     if base.scenario == "websocket" and set(overflows) != {Overflow.CATCH_UP}:
         raise ValueError(
             "the websocket server's connections always use CATCH_UP: sweep its buffer with "
@@ -193,6 +205,7 @@ def sweep_durability(
     for durability in durabilities:
         if durability not in allowed:
             raise ValueError(f"durability is one of {', '.join(allowed)}; not {durability!r}")
+    _check_unique("durabilities", durabilities)
     lines = [(durability, durability) for durability in durabilities]
     return _sweep(base, "publishers", publishers, "durability", lines, on_cell)
 
