@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 import trio
@@ -2102,3 +2103,33 @@ async def test_a_record_that_is_not_an_event_is_named_by_file_and_offset(
     assert f"the record of event {bad_id} has a valid checksum but is not an event" in str(
         info.value
     )
+
+
+async def test_a_payload_that_no_longer_fits_its_class_is_a_decode_error_not_damage(
+    tmp_path: Path,
+) -> None:
+    # The registry changed (a new required field), not the files: no advice to restore them.
+    old, new = te.PayloadRegistry(), te.PayloadRegistry()
+    old.register("thing", _ThingV1)
+    new.register("thing", _ThingV2)
+    log = await open_log(tmp_path)
+    await log.aclose()
+    store = LogStore(tmp_path)
+    async with te.open_event_stream("s", store=store, registry=old) as stream:
+        await stream.publish(_ThingV1(1), source="agent")
+        await stream.publish({"note": 1}, source="agent", type="other")
+    async with te.open_event_stream("s", store=LogStore(tmp_path), registry=new) as stream:
+        with pytest.raises(te.EventDecodeError, match="does not fit") as info:
+            await stream.get_event(0)
+        assert not isinstance(info.value, CorruptLogError)
+
+
+@attrs.frozen
+class _ThingV1:
+    x: int
+
+
+@attrs.frozen
+class _ThingV2:
+    x: int
+    y: int

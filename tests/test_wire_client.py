@@ -690,6 +690,20 @@ async def test_a_close_for_too_many_refusals_raises_rate_limited_not_unauthorize
                         pass
 
 
+async def test_keepalive_pings_over_the_servers_budget_end_in_rate_limited_not_unauthorized() -> (
+    None
+):
+    # A server whose budget of pings is smaller than the client's keepalive: its WebSocket ping
+    # frames draw on it too, and the close says so.
+    config = ServerConfig(send_timeout=5, close_timeout=0.5, message_rate=0.001, message_burst=3)
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub() as hub, running(hub, config) as server:
+            async with connect(server.url(), backoff=FAST, **QUICK_PINGS) as conn:
+                with pytest.raises(RateLimited, match="WebSocket ping frames included"):
+                    async for _ in conn:
+                        pass  # pragma: no cover - the stream is empty
+
+
 async def test_publishing_over_the_rate_is_refused_and_the_connection_stays() -> None:
     config = ServerConfig(send_timeout=5, close_timeout=0.5, publish_rate=0.001, publish_burst=1)
     with trio.fail_after(TIMEOUT):
@@ -752,6 +766,7 @@ async def test_a_full_buffer_is_not_taken_for_a_dead_server() -> None:
     ("kwargs", "words"),
     [
         ({"ping_interval": 0}, "ping_interval must be a positive number"),
+        ({"ping_interval": 0.02}, "ping_interval must be at least 0.1 s"),
         ({"ping_timeout": -1}, "ping_timeout must be a positive number"),
         ({"ping_interval": "5"}, "ping_interval must be a positive number"),
         ({"ping_timeout": None}, "ping_timeout must be a positive number"),

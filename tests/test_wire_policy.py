@@ -508,7 +508,10 @@ async def test_websocket_ping_frames_draw_on_the_message_budget(
     pongs = [bytes(e.payload) for e in seen if isinstance(e, wse.Pong)]
     assert pongs == [b"%d" % i for i in range(5 - protocol_pings)]
     texts = [orjson.loads(e.data) for e in seen if isinstance(e, wse.TextMessage)]
-    assert not [m for m in texts if m["op"] in ("pong", "error")]  # the close frame says why
+    (error,) = [m for m in texts if m["op"] in ("pong", "error")]  # one error says why
+    assert error["code"] == "rate_limited"
+    assert "req" not in error  # no message to answer
+    assert "WebSocket ping frames included" in error["message"]
     close = seen[-1]
     assert close.code == 1008
     assert close.reason == "too many pings and refused messages"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -686,6 +687,38 @@ async def test_a_stream_whose_files_cannot_be_used_is_one_log_line_and_1011(
     assert info.value.reason.code == 1011
     lines = [r.getMessage() for r in caplog.records]
     assert any("cannot serve the stream" in line and str(lock) in line for line in lines)
+    assert not any("unexpected error" in line for line in lines)
+
+
+async def test_a_read_only_openhands_store_answers_missing_and_damaged_conversations(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions = tmp_path / "sessions"
+    (sessions / "hole" / "events").mkdir(parents=True)
+    for i in (0, 2):  # 1.json is missing
+        event = {"id": i, "timestamp": "2026-11-26T00:00:00", "source": "user", "message": ""}
+        (sessions / "hole" / "events" / f"{i}.json").write_text(json.dumps(event))
+    store = te.OpenHandsStore(tmp_path, read_only=True)
+    caplog.set_level(logging.INFO, logger="trio_events")
+    with trio.fail_after(TIMEOUT):
+        async with te.open_event_hub(store=store) as hub, running(hub) as server:
+            async with open_websocket_url(server.url("/v1/streams/missing")) as ws:
+                error = await recv(ws)
+                assert (error["code"], error["message"]) == (
+                    "not_found",
+                    "no OpenHands conversation 'missing' here",  # no server path for clients
+                )
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.get_message()
+                assert info.value.reason is not None
+                assert info.value.reason.code == 1000
+            async with open_websocket_url(server.url("/v1/streams/hole")) as ws:
+                error = await recv(ws)
+                assert error["code"] == "internal"
+                assert "stored history is damaged" in error["message"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("not found: no " in line and "missing/events directory" in line for line in lines)
+    assert any("cannot serve the stream" in line and "not dense" in line for line in lines)
     assert not any("unexpected error" in line for line in lines)
 
 

@@ -92,7 +92,15 @@ class StoreError(TrioEventsError):
 
 
 class StreamNotFound(TrioEventsError, LookupError):
-    """A read-only store has no such stream, and cannot create one."""
+    """A read-only store has no such stream, and cannot create one.
+
+    The message names the stream only (a server sends it to the client); `where` says where
+    the store looked, for the server's log.
+    """
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 class StreamLocked(TrioEventsError, RuntimeError):

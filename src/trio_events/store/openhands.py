@@ -424,10 +424,10 @@ class OpenHandsStore:
     def _lock_and_scan(self, sid: str, path: Path) -> tuple[tuple[str, int] | None, _Scan]:
         if self.read_only:  # a reader takes no lock
             if not (path / "events").is_dir():
+                of_user = "" if self.user_id is None else f" of user {self.user_id!r}"
                 raise StreamNotFound(
-                    f"no OpenHands conversation {sid!r} in {os.fspath(self.root)!r} (no "
-                    f"{os.fspath(path / 'events')} directory)"
-                    + ("" if self.user_id is None else f" of user {self.user_id!r}")
+                    f"no OpenHands conversation {sid!r}{of_user} here",
+                    where=f"no {os.fspath(path / 'events')} directory",
                 )
             return None, self._scan(path)
         lock = self._lock(sid, path)

@@ -203,6 +203,10 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+#: The shortest `connect` ping_interval: 10 pings/s at most, half a default server's budget.
+_MIN_PING_INTERVAL: Final = 0.1
+
+
 def _count_attempts(count: int) -> str:
     return "1 attempt" if count == 1 else f"{count} attempts"
 
@@ -234,8 +238,9 @@ class Backoff:
     """When to reconnect: exponential delays with jitter.
 
     The delay before reconnect attempt ``n`` (0-based, counted since the last connection that
-    reached ``hello``) is ``min(cap, base * 2**n)``, scaled down by a random factor in
-    ``[1 - jitter, 1]`` (``jitter=1`` is "full jitter", ``0`` none).
+    delivered something, or stayed open for ``connect_timeout``) is ``min(cap, base * 2**n)``,
+    scaled down by a random factor in ``[1 - jitter, 1]`` (``jitter=1`` is "full jitter",
+    ``0`` none).
 
     Attributes:
         base: The first delay, in seconds.
@@ -339,6 +344,12 @@ class Connection:
                 continue
             if not (isinstance(seconds, int | float) and 0 < seconds < math.inf):
                 raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r}")
+        if ping_interval is not None and ping_interval < _MIN_PING_INTERVAL:
+            raise ValueError(
+                f"ping_interval must be at least {_MIN_PING_INTERVAL} s, not {ping_interval!r}: "
+                f"each ping draws on the server's budget of pings (20/s by default), and a "
+                f"client over it is closed"
+            )
         self._bases, self.stream_id, self._query, self._filtered = _check_urls(url)
         self._server = 0  # the index in `_bases` of the server to (re)connect to
         if after != "latest" and (type(after) is not int or not -1 <= after < 2**63):
@@ -817,9 +828,9 @@ async def connect(
             may then close with 4008, and the client resumes).
         max_message_size: The largest frame accepted from the server.
         ping_interval: Seconds without any frame from the server after which the client sends
-            a WebSocket ping (None: never). A server or network gone without closing the TCP
-            connection (a host powered off, a NAT that forgot the connection) sends nothing,
-            and without this the client would wait for events forever.
+            a WebSocket ping (None: never; at least 0.1). A server or network gone without
+            closing the TCP connection (a host powered off, a NAT that forgot the connection)
+            sends nothing, and without this the client would wait for events forever.
         ping_timeout: Seconds to wait for the pong; without one the connection is dropped and
             resumed on a new one (``after=cursor``), like any other drop.
 

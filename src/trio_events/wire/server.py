@@ -25,8 +25,8 @@ One connection, as implemented here:
    ``pong``, a bad frame → ``error`` (the connection stays open), a frame over the size limit
    → ``error``/``too_large`` and close 1009. Pings (``ping`` messages and WebSocket ping
    frames) and refused messages draw on a budget of their own (``message_rate``,
-   ``message_burst``): a client over it gets close 1008 (after ``error``/``rate_limited`` when
-   there is a message to answer), so a flood of them cannot keep the server busy.
+   ``message_burst``): a client over it gets ``error``/``rate_limited`` and close 1008, so a
+   flood of them cannot keep the server busy.
    A WebSocket ping goes out when the client has been silent for half of ``idle_timeout``; no
    answer by ``idle_timeout`` closes with 1001.
 
@@ -72,6 +72,7 @@ from ..errors import (
     EventEncodeError,
     EventTooLarge,
     HistoryTruncated,
+    OpenHandsFormatError,
     StoreError,
     StoreOutcomeUnknown,
     StreamClosed,
@@ -218,7 +219,7 @@ class ServerConfig:
             nor one the store failed to take). Over the budget the server sends
             ``error``/``rate_limited`` and closes with 1008: answering each one costs the server
             work, and a client sending them in a loop would otherwise keep it busy. WebSocket
-            ping frames count too (over the budget, the close comes without an ``error``).
+            ping frames count too.
         message_burst: Such messages a connection may send at once before the rate applies.
         trusted_proxies: IP addresses or networks (``"10.0.0.0/8"``) of reverse proxies in
             front of the server. A connection from one of them is taken to be from the client
@@ -975,9 +976,16 @@ class _Connection:
             self.finish(CloseCode.OVERLOADED, "too many open streams; retry later")
         except* StreamNotFound as group:
             # A read-only store, which cannot create it: the client's mistake, and final.
-            self.final_error = Error(ErrorCode.NOT_FOUND, str(_first_leaf(group)))
+            missing = _first_leaf(group)
+            logger.info(
+                "ws stream=%s client=%s: not found: %s",
+                self.request.stream_id,
+                self.client,
+                missing.where,
+            )
+            self.final_error = Error(ErrorCode.NOT_FOUND, str(missing))
             self.finish(CloseCode.NORMAL, "no such stream")
-        except* CorruptLogError as group:
+        except* (CorruptLogError, OpenHandsFormatError) as group:
             # Damaged files: the operator's to repair (or salvage).
             self.cannot_open(
                 group,
@@ -1276,13 +1284,20 @@ class _Connection:
         budget of pings and refusals; if it is spent, close the connection with 1008 and
         return False (the pong is not sent).
 
-        Unlike a protocol ``ping``, there is no message to answer with ``error``: the close
-        frame's reason says why.
+        The ``error``/``rate_limited`` that says why goes just before the close frame (there
+        is no message to answer, so it has no ``req``).
         """
         if self.other_messages.take(trio.current_time()):
             return True
         if self.close_code is None:
             self.note_refused(ErrorCode.RATE_LIMITED)
+            config = self.config
+            self.final_error = Error(
+                ErrorCode.RATE_LIMITED,
+                f"too many pings and refused messages (over {config.message_rate:g}/s, burst "
+                f"{config.message_burst}, WebSocket ping frames included); this connection is "
+                f"closed: ping less often, then reconnect with after=<last id you have>",
+            )
         self.finish(CloseCode.POLICY, "too many pings and refused messages")
         return False
 
