@@ -18,6 +18,9 @@ import orjson
 import pytest
 import trio
 import trio.testing
+import wsproto
+import wsproto.events as wse
+import wsproto.utilities
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trio_events as te
@@ -464,6 +467,35 @@ async def test_no_answer_within_the_publish_timeout_is_outcome_unknown() -> None
 
 
 # --- reconnecting and closing -----------------------------------------------------------------
+
+
+async def _pinging_server(stream: trio.SocketStream) -> None:
+    """A server that says hello and then sends WebSocket pings, one every millisecond."""
+    conn = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    while not any(isinstance(e, wse.Request) for e in conn.events()):
+        conn.receive_data(await stream.receive_some())
+    await stream.send_all(conn.send(wse.AcceptConnection()))
+    hello = {"op": "hello", "protocol": 1, "stream": "s", "epoch": "e" * 32}
+    for message in ({**hello, "latest_id": -1, "after": -1}, {"op": "caught_up", "id": -1}):
+        await stream.send_all(conn.send(wse.TextMessage(orjson.dumps(message).decode())))
+    with contextlib.suppress(trio.BrokenResourceError, wsproto.utilities.LocalProtocolError):
+        for i in range(5000):
+            await stream.send_all(conn.send(wse.Ping(b"%d" % i)))
+            await trio.sleep(0.001)
+
+
+async def test_leaving_while_the_server_pings_closes_cleanly() -> None:
+    # Pings that arrive after the client's close frame: trio-websocket's reader would answer
+    # them, which wsproto refuses (python-trio/trio-websocket#184), and leaving `connect` raised.
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(trio.serve_tcp, _pinging_server, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            port = listener.socket.getsockname()[1]
+            for _ in range(5):
+                async with connect(f"ws://127.0.0.1:{port}/v1/streams/s", connect_timeout=0.5):
+                    await trio.sleep(0.02)  # pinged meanwhile
+            nursery.cancel_scope.cancel()
 
 
 async def test_max_attempts_exhausted_is_a_clear_error() -> None:

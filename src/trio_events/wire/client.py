@@ -34,12 +34,14 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import attrs
 import trio
 from trio_websocket import (
+    CloseReason,
     ConnectionClosed,
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
 )
+from wsproto.utilities import LocalProtocolError
 
 from ..errors import TrioEventsError
 from ..events import Event, EventSource
@@ -666,6 +668,17 @@ class Connection:
 
     async def _connection(self, opening: trio.CancelScope) -> None:
         """Connect, read ``hello`` (then lift `opening`'s deadline), and read until the end."""
+        try:
+            await self._websocket(opening)
+        except LocalProtocolError:
+            # trio-websocket's reader answered a ping that came after a close frame, which
+            # wsproto refuses (python-trio/trio-websocket#184): the connection was closing.
+            if self._leaving is not None:
+                return  # our close: the end we were waiting for
+            raise ConnectionClosed(CloseReason(1006, "closed while the server pinged")) from None
+
+    async def _websocket(self, opening: trio.CancelScope) -> None:
+        """`_connection`'s work, in trio-websocket's connection."""
         headers = []
         if self._token is not None:
             headers.append((b"authorization", b"Bearer " + self._token.encode()))
