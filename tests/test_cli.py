@@ -914,6 +914,24 @@ def test_export_of_a_stream_that_does_not_exist_says_so_and_creates_nothing(
     assert "(its streams: demo)" in capsys.readouterr().err  # only streams are listed
 
 
+def test_serve_with_an_empty_store_url_refuses_rather_than_serve_a_local_store(
+    tmp_path: Path,
+) -> None:
+    # In a child process, bounded in time: serving instead of refusing would not return.
+    serve = [sys.executable, "-m", "trio_events.cli", "serve", "--port", "0"]
+    env = _env(TRIO_EVENTS_TEST_EMPTY_URL="")
+    for flags, status, message in (
+        (["--store", ""], 2, "--store is empty"),  # --store "$UNSET_VARIABLE"
+        (["--store-env", "TRIO_EVENTS_TEST_EMPTY_URL"], 1, "that environment variable is empty"),
+    ):
+        proc = subprocess.run(
+            [*serve, *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+        )
+        assert proc.returncode == status, proc.stderr
+        assert message in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no local store was made
+
+
 def test_serve_on_a_data_dir_that_is_a_file_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

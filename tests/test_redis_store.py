@@ -7,6 +7,8 @@ own (tests/redis_helpers.py).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import signal
@@ -27,7 +29,7 @@ from redis_helpers import REDIS_URL, ChildRedis, redis_test_store, unique_prefix
 from trio_events._urls import safe_url
 from trio_events.store import redis as redis_store
 from trio_events.store.redis import RedisStreamLog
-from trio_events.wire.client import EpochChanged
+from trio_events.wire.client import EpochChanged, ServerInternalError
 from trio_events.wire.server import ServerConfig
 
 FAST_RECONNECT = te.Backoff(base=0.05, cap=0.5)
@@ -276,11 +278,12 @@ async def test_a_malformed_entry_from_another_writer_is_skipped_not_fatal(
 
 async def test_a_stream_reset_under_an_open_stream_stops_it_with_a_clear_error() -> None:
     async with shared_stores(2) as (store, other):
-        with trio.fail_after(20), pytest.raises(te.StoreError, match="was reset"):
+        with trio.fail_after(20), pytest.raises(te.StoreError, match="was reset") as info:
             async with te.open_event_stream("s", store=store) as stream:
                 await stream.publish({"n": 0}, source="user", type="t")
                 await other.reset_stream("s")
                 await stream.publish({"n": 1}, source="user", type="t")
+    assert isinstance(info.value.__cause__, te.HistoryReset)
 
 
 # --- outages: a Redis of the test's own, killed and restarted --------------------------------
@@ -363,6 +366,18 @@ async def test_a_reset_under_a_served_stream_reaches_clients_as_a_new_epoch(
         assert info.value.old == epoch
         assert info.value.new != epoch
         assert "was reset while it was open" in caplog.text
+
+
+async def test_a_publish_into_a_reset_history_says_so() -> None:
+    async with shared_stores(2) as (store, other):
+        async with te.open_event_hub(store=store) as hub, running(hub) as server:
+            with trio.fail_after(30):
+                async with te.connect(server.url(), backoff=FAST_RECONNECT) as conn:
+                    await conn.publish({"n": 0}, source="user", type="t")
+                    await other.reset_stream("s")
+                    with pytest.raises(ServerInternalError, match="history was reset") as info:
+                        await conn.publish({"n": 1}, source="user", type="t")
+                    assert "publish it again later" not in str(info.value)
 
 
 async def test_a_reset_stream_busy_with_a_new_history_never_feeds_the_old_one() -> None:
@@ -551,6 +566,24 @@ async def test_a_database_that_is_not_a_number_is_a_value_error(url: str, databa
     with pytest.raises(ValueError, match=rf"the database of a Redis URL is a number.*'{database}'"):
         async with te.open_redis_store(url):
             pass  # pragma: no cover
+
+
+async def _answer_http(stream: trio.SocketStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_a_server_that_is_not_redis_is_a_clear_store_error() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(trio.serve_tcp, _answer_http, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            port = listener.socket.getsockname()[1]
+            with pytest.raises(te.StoreError, match="does not answer as Redis does"):
+                async with te.open_redis_store(f"redis://127.0.0.1:{port}/0"):
+                    pass  # pragma: no cover
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_database_redis_refuses_is_a_clear_store_error() -> None:

@@ -498,6 +498,27 @@ async def test_leaving_while_the_server_pings_closes_cleanly() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def _echo(stream: trio.SocketStream) -> None:
+    """Not a WebSocket server: it sends back what it gets."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        async for data in stream:
+            await stream.send_all(data)
+
+
+async def test_a_peer_that_is_not_a_websocket_server_is_a_failed_attempt() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            url = f"ws://127.0.0.1:{listener.socket.getsockname()[1]}/v1/streams/s"
+            with pytest.raises(ReconnectFailed, match="2 attempts in a row failed") as info:
+                async with connect(url, backoff=Backoff(base=0.01, max_attempts=1)):
+                    pass  # pragma: no cover
+            nursery.cancel_scope.cancel()
+    assert "did not answer the WebSocket handshake with HTTP" in str(info.value)
+    assert "_ProtocolViolation" not in str(info.value)
+
+
 async def test_max_attempts_exhausted_is_a_clear_error() -> None:
     port = free_port()  # nothing listens
     with trio.fail_after(TIMEOUT):

@@ -373,8 +373,10 @@ async def _serve(
 async def _serve_store(args: argparse.Namespace) -> AsyncIterator[tuple[EventStore, str]]:
     """The store `serve` was asked for, and how to name it (never with a password)."""
     url = os.environ.get(args.store_env) if args.store_env else args.store
-    if args.store_env and not url:
+    if args.store_env and url is None:
         raise ValueError(f"--store-env {args.store_env}: that environment variable is not set")
+    if args.store_env and not url:
+        raise ValueError(f"--store-env {args.store_env}: that environment variable is empty")
     if url:
         # Imported here: coredis takes longer to import than the rest of the package.
         try:
@@ -1012,6 +1014,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store = LogStore(args.data_dir)
                 trio.run(_run_and_close, store, args.data_dir, args.events)
         elif args.command == "serve":
+            if args.store == "":
+                # An unset variable in `--store "$REDIS_URL"`: serving a local store instead
+                # would quietly split this server's streams from the others'.
+                parser.error("--store is empty: give a redis://HOST:PORT/DB URL")
             if (args.store or args.store_env) and args.memory:
                 parser.error("--memory and --store/--store-env: choose one store")
             if args.data_dir is not None and (args.memory or args.store or args.store_env):

@@ -14,6 +14,7 @@ __all__ = [
     "EventEncodeError",
     "EventNotFound",
     "EventTooLarge",
+    "HistoryReset",
     "HistoryTruncated",
     "InvalidStreamId",
     "OpenHandsFormatError",
@@ -88,6 +89,14 @@ class StoreError(TrioEventsError):
     """The store failed to append a batch; the batch was not stored and its ids are reused.
 
     The store's own exception is the ``__cause__``.
+    """
+
+
+class HistoryReset(StoreError):
+    """A shared store lost the stream's history, or it was reset, while the stream was open.
+
+    Nothing was stored, and nothing more will be: open the stream again (its new history has
+    another epoch).
     """
 
 

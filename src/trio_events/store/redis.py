@@ -42,7 +42,13 @@ from coredis.tokens import PureToken
 from .._checks import check_int
 from .._groups import sole_exception
 from .._urls import safe_url
-from ..errors import EventDecodeError, HistoryTruncated, StoreError, StoreOutcomeUnknown
+from ..errors import (
+    EventDecodeError,
+    HistoryReset,
+    HistoryTruncated,
+    StoreError,
+    StoreOutcomeUnknown,
+)
 from ..events import Event, PayloadRegistry, encode_event, event_from_dict
 from .base import RawEvents, _check_range_args, _raw_high, check_stream_id
 
@@ -607,7 +613,7 @@ class RedisStreamLog:
     ) -> Exception:
         message = str(exc)
         if "TRIOEVENTS-EPOCH" in message:
-            return StoreError(
+            return HistoryReset(
                 f"stream {self.stream_id!r}: its history in Redis was reset since it was "
                 f"opened (epoch {self._epoch} is gone: Redis lost its data or the stream was "
                 f"reset); nothing was stored: open the stream again"
@@ -826,8 +832,8 @@ class RedisStreamLog:
         if epoch is None or epoch != self._epoch_bytes:
             raise self._reset_error()
 
-    def _reset_error(self) -> StoreError:
-        return StoreError(
+    def _reset_error(self) -> HistoryReset:
+        return HistoryReset(
             f"stream {self.stream_id!r}: its history in Redis was reset while it was open "
             f"(epoch {self._epoch} is gone: Redis lost its data, or the stream was reset); "
             f"this process stops serving it: open it again"
@@ -939,6 +945,11 @@ async def open_redis_store(
                 raise StoreError(
                     f"Redis at {safe_url(url)} refused the connection's setup: {exc}; check the "
                     f"database number and options of the URL"
+                ) from None
+            except coredis.exceptions.RedisError as exc:  # an answer that is not RESP, say
+                raise StoreError(
+                    f"the server at {safe_url(url)} does not answer as Redis does "
+                    f"({type(exc).__name__}: {exc}): is this the address of a Redis server?"
                 ) from None
             yield store
     except BaseExceptionGroup as group:

@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attrs
+import h11
 import trio
 from trio_websocket import (
     CloseReason,
@@ -201,6 +202,8 @@ def _describe(exc: BaseException | None) -> str:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if exc is None:
         return "unknown"
+    if isinstance(exc, _ProtocolViolation):
+        return str(exc)  # says what it is; the class is private
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -670,6 +673,13 @@ class Connection:
         """Connect, read ``hello`` (then lift `opening`'s deadline), and read until the end."""
         try:
             await self._websocket(opening)
+        except h11.ProtocolError as exc:
+            # Not a WebSocket server (its answer is not HTTP): trio-websocket lets h11's error
+            # through. A failed attempt like any other: it may be a port reused a moment.
+            raise _ProtocolViolation(
+                f"the server did not answer the WebSocket handshake with HTTP ({exc}): is this "
+                f"a trio-events server's address?"
+            ) from None
         except LocalProtocolError:
             # trio-websocket's reader answered a ping that came after a close frame, which
             # wsproto refuses (python-trio/trio-websocket#184): the connection was closing.

@@ -71,6 +71,7 @@ from ..errors import (
     CorruptLogError,
     EventEncodeError,
     EventTooLarge,
+    HistoryReset,
     HistoryTruncated,
     OpenHandsFormatError,
     StoreError,
@@ -1363,7 +1364,14 @@ class _Connection:
                 "(if it was, it reaches subscribers as usual); check before publishing it again",
                 message.req,
             )
-        except StoreError:
+        except StoreError as exc:
+            if isinstance(exc.__cause__, HistoryReset):
+                return Error(
+                    ErrorCode.INTERNAL,
+                    "the stream's history was reset (the store lost it, or it was reset), and "
+                    "this event was not published; reconnect: the new history has a new epoch",
+                    message.req,
+                )
             return Error(
                 ErrorCode.INTERNAL,
                 "the store failed to store this event, and it was not published: publish it "
