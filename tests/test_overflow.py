@@ -306,11 +306,14 @@ async def test_iterator_outside_the_block_behind_at_close_learns_where_to_resume
     n = 1000
     store = te.MemoryStore()
     async with trio.open_nursery() as outer:
-        async with te.open_event_stream("overflow", store=store) as stream:
-            slow = await add_consumer(stream, outer, "iterator", "slow", stalled=True, buffer=8)
-            await publish(stream, n)
-            # Leave while `slow` is far behind: an iterator is the caller's own task, so the
-            # stream cannot wait for it before closing its store's log.
+        with trio.fail_after(5):  # the stream waits for it up to shutdown_timeout, no more
+            async with te.open_event_stream(
+                "overflow", store=store, shutdown_timeout=0.2
+            ) as stream:
+                slow = await add_consumer(stream, outer, "iterator", "slow", stalled=True, buffer=8)
+                await publish(stream, n)
+                # Leave while `slow` is far behind and stalled: it does not catch up within
+                # shutdown_timeout, and the stream closes its store's log.
         slow.resume()
         await slow.ended.wait()
     received = slow.received
@@ -322,6 +325,29 @@ async def test_iterator_outside_the_block_behind_at_close_learns_where_to_resume
     async with te.open_event_stream("overflow", store=store) as stream:
         rest = [e.id async for e in stream.search_events(start_id=received[-1] + 1)]
     assert received + rest == list(range(n))  # ...and resuming after it loses nothing
+
+
+async def test_leaving_the_block_waits_for_iterators_that_are_catching_up() -> None:
+    # The consumer of api.md's example, a little slower than the publisher: leaving the block
+    # lets it read the rest of the history through the stream before the log closes.
+    n = 500
+    received: list[int] = []
+    async with trio.open_nursery() as outer:
+
+        async def consume(stream: te.EventStream, task_status: trio.TaskStatus[None]) -> None:
+            async with stream.subscription(after=-1, buffer=4) as sub:
+                task_status.started()
+                async for event in sub:
+                    received.append(event.id)
+                    await trio.lowlevel.checkpoint()  # slower than the publisher
+
+        with trio.fail_after(10):
+            async with te.open_event_stream("overflow", store=te.MemoryStore()) as stream:
+                await outer.start(consume, stream)
+                for _ in range(n // 10):
+                    await stream.publish_many([{}] * 10, source=AGENT, type="t")
+                assert len(received) < n  # behind when the block is left
+    assert received == list(range(n))
 
 
 # --- BLOCK ------------------------------------------------------------------------------------

@@ -579,7 +579,7 @@ async def test_iterator_behind_when_the_log_closes_gets_a_clear_error() -> None:
     seen: list[int] = []
     gate = trio.Event()
     async with trio.open_nursery() as outside:
-        async with te.open_event_stream("s") as stream:
+        async with te.open_event_stream("s", shutdown_timeout=0.2) as stream:
             await publish_n(stream, 10)
 
             async def consume(task_status: trio.TaskStatus[None]) -> None:

@@ -256,6 +256,9 @@ class EventStream:
         self._followed_id = log.last_id  # the last id the tail reader passed to the router
         self._writer_done = False
         self._tail_scope: trio.CancelScope | None = None
+        # Set when a subscriber reads a chunk of history or leaves: a closing stream waits on
+        # it for iterator subscriptions that are behind (`_wait_for_readers_behind`).
+        self._reading_progress = trio.Event()
 
     # --- publishing ---------------------------------------------------------------------------
 
@@ -951,7 +954,39 @@ class EventStream:
         self._fanout += (sub,)
         return sub
 
+    def _caught_up_some(self) -> None:
+        """A subscriber read a chunk of history (see `_wait_for_readers_behind`)."""
+        self._reading_progress.set()
+
+    async def _wait_for_readers_behind(self, deadline: float) -> None:
+        """Before the log closes: let the iterator subscriptions that are still behind catch
+        up from it, until `deadline`. Their tasks are the caller's, not the stream's nursery's,
+        so nothing else waits for them; one still behind then gets `StreamClosed` saying
+        where to resume."""
+        while True:
+            last_id = self._log.last_id
+            behind = [
+                key
+                for key, sub in self._subscribers.items()
+                if key not in self._actors and sub.cursor < last_id
+            ]
+            if not behind:
+                return
+            self._reading_progress = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._reading_progress.wait()
+            if trio.current_time() >= deadline:
+                logger.warning(
+                    "stream %r: %d subscription(s) still behind when shutdown_timeout ran out "
+                    "(%s): they get StreamClosed with where to resume",
+                    self.stream_id,
+                    len(behind),
+                    ", ".join("/".join(key) for key in behind[:5]),
+                )
+                return
+
     def _remove_subscriber(self, key: tuple[str, str], state: SubscriberState) -> None:
+        self._reading_progress.set()
         sub = self._subscribers.pop(key, None)
         if sub is not None:
             sub.live = False
@@ -1293,11 +1328,13 @@ async def open_event_stream(
                     nursery.start_soon(
                         stream._run_tail_reader, stream._shared, name=f"tail reader {stream_id}"
                     )
+                deadline = math.inf
                 try:
                     yield stream
                 finally:
                     stream._begin_close()
-                    nursery.cancel_scope.deadline = trio.current_time() + shutdown_timeout
+                    deadline = trio.current_time() + shutdown_timeout
+                    nursery.cancel_scope.deadline = deadline
             if nursery.cancel_scope.cancelled_caught:
                 logger.warning(
                     "stream %r: subscribers did not finish within shutdown_timeout=%ss and "
@@ -1305,6 +1342,8 @@ async def open_event_stream(
                     stream_id,
                     shutdown_timeout,
                 )
+            else:
+                await stream._wait_for_readers_behind(deadline)
         except BaseExceptionGroup as group:
             single = sole_exception(group)
             if single is None:

@@ -196,6 +196,8 @@ class _StreamView(Protocol):
 
     def _recent_events(self, start_id: int, end_id: int, limit: int) -> list[Event] | None: ...
 
+    def _caught_up_some(self) -> None: ...
+
 
 class _Subscriber:
     """One subscriber's queue, cursor, policy and counters: the router's side and the consumer's."""
@@ -430,8 +432,9 @@ class _Subscriber:
             self.state = SubscriberState.LIVE
             return
         if stream._log_closed:
-            # Only an iterator consumed outside the stream's block gets here: the history it
-            # still needs can no longer be read through this stream.
+            # Only an iterator consumed outside the stream's block, still behind after the
+            # stream waited for it (shutdown_timeout), gets here: the history it still needs
+            # can no longer be read through this stream.
             raise StreamClosed(
                 f"stream {stream.stream_id!r} closed while this subscription was "
                 f"{target - self.cursor} events behind; open it again and resume with "
@@ -503,6 +506,7 @@ class _Subscriber:
             if flt is None or flt.include(event, registry):
                 self.queue.append(event)
         self.peak_queue_depth = max(self.peak_queue_depth, len(self.queue))
+        stream._caught_up_some()
 
     @property
     def position(self) -> int:
@@ -693,9 +697,9 @@ class Subscription:
             async for event in sub:
                 ...
 
-    Iteration ends when the stream closes (after every due event has been delivered); an
-    iterator consumed outside the stream's block that is still catching up from the store when
-    the stream's log closes raises `StreamClosed` saying where to resume. With the
+    Iteration ends when the stream closes (after every due event has been delivered). A closing
+    stream waits up to its ``shutdown_timeout`` for an iterator consumed outside its block that
+    is behind; one still behind then raises `StreamClosed` saying where to resume. With the
     ``DISCONNECT`` policy, falling behind raises `SubscriberDisconnected` once the queued events
     have been delivered.
 
