@@ -493,3 +493,17 @@ async def test_search_events_filters_before_the_limit(
     if reverse:
         expected.reverse()
     assert found == expected[:limit]
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"include_types": 5}, "event types are a type name, a registered class, or an iterable"),
+        ({"exclude_types": 5.0}, "event types are a type name, a registered class, or an iterable"),
+        ({"exclude_hidden": "yes"}, "exclude_hidden is True or False"),
+        ({"exclude_hidden": 1}, "exclude_hidden is True or False"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_value_errors(options: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        te.EventFilter(**options)

@@ -2133,3 +2133,16 @@ class _ThingV1:
 class _ThingV2:
     x: int
     y: int
+
+
+async def test_a_closed_store_opens_no_more_streams(tmp_path: Path) -> None:
+    async with LogStore(tmp_path) as store:
+        async with te.open_event_stream("s", store=store) as stream:
+            await stream.publish({}, source="user", type="t")
+    with pytest.raises(RuntimeError, match=r"this LogStore on .* is closed; make a new one"):
+        async with te.open_event_stream("s", store=store):
+            pass  # pragma: no cover
+    with pytest.raises(RuntimeError, match="is closed"):
+        await store.reset_stream("s")
+    async with LogStore(tmp_path) as again, te.open_event_stream("s", store=again) as stream:
+        assert stream.get_latest_event_id() == 0

@@ -438,6 +438,8 @@ async def test_stuck_subscriber_is_cancelled_after_shutdown_timeout(
     assert trio.current_time() - start == pytest.approx(3)
     assert "did not finish within shutdown_timeout=3s" in caplog.text
     assert count_tasks() == tasks_before
+    # Not left looking as if it were still catching up.
+    assert stream.statistics().subscribers["t", "stuck"].state is te.SubscriberState.STOPPED
 
 
 async def test_cancellation_leaves_nothing_running_and_closes_the_log() -> None:
@@ -555,7 +557,9 @@ async def test_a_dict_published_under_a_registered_type_becomes_its_class() -> N
     async with te.open_event_stream("s") as stream:
         event = await stream.publish({"x": 3}, source=AGENT, type="test.point")
         assert event.payload == Point(3)
-        with pytest.raises(ValueError, match="does not fit Point"):
+        with pytest.raises(
+            ValueError, match=r"does not fit Point: required field missing @ payload\.x"
+        ):
             await stream.publish({"y": 3}, source=AGENT, type="test.point")
         ordered = await stream.publish(OrderedDict(a=1), source=AGENT, type="t")
         assert ordered.payload == {"a": 1}
@@ -590,6 +594,7 @@ async def test_iterator_behind_when_the_log_closes_gets_a_clear_error() -> None:
                             seen.append(event.id)
                             if event.id == 1:
                                 await gate.wait()  # still behind when the stream closes
+                    assert sub.statistics().state is te.SubscriberState.STOPPED
 
             await outside.start(consume)
         gate.set()

@@ -604,6 +604,12 @@ async def test_duplicate_subscription_is_value_error() -> None:
         {"max_backoff": -1},
         {"max_failures": -1},
         {"window": 0},
+        {"retries": 1.5},
+        {"max_failures": 1.5},
+        {"backoff": float("nan")},
+        {"window": float("inf")},
+        {"backoff": True},
+        {"on_stop": 5},
     ],
 )
 def test_bad_supervision_arguments_are_value_errors(options: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import attrs
 import orjson
+from cattrs import transform_error
 from cattrs.preconf.orjson import make_converter
 
 from .errors import EventDecodeError, EventEncodeError
@@ -170,8 +171,13 @@ class PayloadRegistry:
         try:
             return self.converter.structure(data, cls)
         except Exception as exc:
+            # cattrs' errors come as groups: name each field that does not fit, and how.
+            if isinstance(exc, BaseExceptionGroup):
+                details = "; ".join(transform_error(exc, path="payload"))
+            else:
+                details = f"{type(exc).__name__}: {exc}"
             raise EventDecodeError(
-                f"payload of type {type_name!r} does not fit {cls.__qualname__}: {exc}"
+                f"payload of type {type_name!r} does not fit {cls.__qualname__}: {details}"
             ) from exc
 
 

@@ -27,6 +27,11 @@ def _type_names(types: TypeSpec | Iterable[TypeSpec] | None) -> frozenset[str] |
         return None
     if isinstance(types, str | type):
         types = (types,)
+    elif not isinstance(types, Iterable):
+        raise ValueError(
+            f"event types are a type name, a registered class, or an iterable of them, "
+            f"not {types!r}"
+        )
     names = set()
     for item in types:
         if isinstance(item, str):
@@ -42,6 +47,11 @@ def _type_names(types: TypeSpec | Iterable[TypeSpec] | None) -> frozenset[str] |
         else:
             raise TypeError(f"event types are given as type names or classes, not {item!r}")
     return frozenset(names)
+
+
+def _true_or_false(_: object, attribute: attrs.Attribute[bool], value: object) -> None:
+    if type(value) is not bool:
+        raise ValueError(f"{attribute.name} is True or False, not {value!r}")
 
 
 def _source(value: EventSource | str | None) -> EventSource | None:
@@ -83,7 +93,7 @@ class EventFilter:
         end_date: Only events at or before this time (inclusive).
     """
 
-    exclude_hidden: bool = False
+    exclude_hidden: bool = attrs.field(default=False, validator=_true_or_false)
     query: str | None = attrs.field(default=None)
     include_types: frozenset[str] | None = attrs.field(default=None, converter=_type_names)
     exclude_types: frozenset[str] | None = attrs.field(default=None, converter=_type_names)

@@ -954,6 +954,16 @@ class EventStream:
         self._fanout += (sub,)
         return sub
 
+    def _stop_unfinished_callbacks(self) -> None:
+        """After shutdown_timeout cancelled them: callback subscribers that had not delivered
+        everything are `STOPPED`, not left looking as if they were still catching up."""
+        for key, sub in self._subscribers.items():
+            if key in self._actors and sub.state in (
+                SubscriberState.LIVE,
+                SubscriberState.CATCHING_UP,
+            ):
+                sub.state = SubscriberState.STOPPED
+
     def _caught_up_some(self) -> None:
         """A subscriber read a chunk of history (see `_wait_for_readers_behind`)."""
         self._reading_progress.set()
@@ -1342,6 +1352,7 @@ async def open_event_stream(
                     stream_id,
                     shutdown_timeout,
                 )
+                stream._stop_unfinished_callbacks()
             else:
                 await stream._wait_for_readers_behind(deadline)
         except BaseExceptionGroup as group:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
+from ._checks import check_int
 from .errors import HistoryTruncated, StoreError, StreamClosed, SubscriberDisconnected
 from .events import Event, PayloadRegistry
 from .filters import EventFilter
@@ -99,11 +101,40 @@ class SubscriberState(enum.Enum):
     CLOSED = "closed"
     """The stream closed: nothing more will be queued (what is queued is still delivered)."""
     STOPPED = "stopped"
-    """Unsubscribed, or the subscription's block was left."""
+    """Unsubscribed, or the subscription's block was left; or the stream closed before it had
+    delivered everything (``shutdown_timeout`` ran out)."""
     FAILED = "failed"
     """Stopped by its `Supervision` after too many failures."""
     DISCONNECTED = "disconnected"
     """Stopped by the ``DISCONNECT`` overflow policy."""
+
+
+def _count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_int(attribute.name, value, 0, optional=attribute.name == "max_failures")
+
+
+def _seconds(
+    minimum: float, *, above: bool = False
+) -> Callable[[object, attrs.Attribute[float], object], None]:
+    def check(_: object, attribute: attrs.Attribute[float], value: object) -> None:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if (
+            not isinstance(value, int | float)
+            or not number
+            or not math.isfinite(value)
+            or (value <= minimum if above else value < minimum)
+        ):
+            bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+            raise ValueError(f"{attribute.name} is a number of seconds {bound}, not {value!r}")
+
+    return check
+
+
+def _callable_or_none(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(
+            f"{attribute.name} is None or a function of (stats, exception), not {value!r}"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -128,14 +159,14 @@ class Supervision:
             supervision stops the subscriber, or when ``DISCONNECT`` does (exception ``None``).
     """
 
-    retries: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    backoff: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
-    max_backoff: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
-    max_failures: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    retries: int = attrs.field(default=0, validator=_count)
+    backoff: float = attrs.field(default=0.05, validator=_seconds(0))
+    max_backoff: float = attrs.field(default=5.0, validator=_seconds(0))
+    max_failures: int | None = attrs.field(default=None, validator=_count)
+    window: float = attrs.field(default=60.0, validator=_seconds(0, above=True))
+    on_stop: Callable[[SubscriberStats, BaseException | None], object] | None = attrs.field(
+        default=None, validator=_callable_or_none
     )
-    window: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
-    on_stop: Callable[[SubscriberStats, BaseException | None], object] | None = None
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based)."""
@@ -435,6 +466,7 @@ class _Subscriber:
             # Only an iterator consumed outside the stream's block, still behind after the
             # stream waited for it (shutdown_timeout), gets here: the history it still needs
             # can no longer be read through this stream.
+            self.state = SubscriberState.STOPPED
             raise StreamClosed(
                 f"stream {stream.stream_id!r} closed while this subscription was "
                 f"{target - self.cursor} events behind; open it again and resume with "

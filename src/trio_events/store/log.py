@@ -1337,6 +1337,9 @@ class LogStore:
 
         async with te.open_event_stream("conv-1", store=te.LogStore("./data")) as stream: ...
 
+    A store you pass to streams is yours to close, with ``await store.aclose()`` or
+    ``async with te.LogStore("./data") as store:``. A closed store opens no more streams.
+
     Args:
         path: The store's root directory (created if missing).
         durability: ``"fsync"`` (default): an append returns only once its events are on
@@ -1403,6 +1406,20 @@ class LogStore:
         self.sync_latency = SyncLatency()
         # None while a stream is being opened (the name is reserved before the thread hop).
         self._open: dict[str, LogStreamLog | None] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> LogStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"this LogStore on {os.fspath(self.path)!r} is closed; make a new one to open "
+                f"streams again"
+            )
 
     def _stream_dir(self, stream_id: str) -> Path:
         return self.path / "streams" / check_stream_id(stream_id)
@@ -1422,6 +1439,7 @@ class LogStore:
 
     async def open_stream(self, stream_id: str, registry: PayloadRegistry) -> LogStreamLog:
         check_stream_id(stream_id)
+        self._check_open()
         while stream_id in self._open:
             closing = self._open[stream_id]
             if closing is not None and closing._closed:
@@ -1755,6 +1773,7 @@ class LogStore:
 
     async def reset_stream(self, stream_id: str) -> None:
         check_stream_id(stream_id)
+        self._check_open()
         if stream_id in self._open:
             raise RuntimeError(f"stream {stream_id!r} is open; close it before resetting it")
         await trio.to_thread.run_sync(self._reset_sync, stream_id)
@@ -1781,7 +1800,8 @@ class LogStore:
 
     async def aclose(self) -> None:
         """Close every stream log still open on this store (all of them, even if cancelled or
-        if one fails; the first error is raised after)."""
+        if one fails; the first error is raised after), and the store: it opens no more."""
+        self._closed = True
         error: BaseException | None = None
         with trio.CancelScope(shield=True):
             for log in list(self._open.values()):
