@@ -8,6 +8,7 @@ Every test runs the policy against both kinds of subscriber: a callback run by t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -348,6 +349,30 @@ async def test_leaving_the_block_waits_for_iterators_that_are_catching_up() -> N
                     await stream.publish_many([{}] * 10, source=AGENT, type="t")
                 assert len(received) < n  # behind when the block is left
     assert received == list(range(n))
+
+
+@pytest.mark.parametrize("overflow", [te.Overflow.DISCONNECT, te.Overflow.DROP_NEWEST])
+async def test_leaving_does_not_wait_for_iterators_that_will_not_catch_up(
+    overflow: te.Overflow, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Stopped by DISCONNECT, or level after dropping: there is nothing to wait for.
+    async with trio.open_nursery() as outer:
+        started = trio.current_time()
+        async with te.open_event_stream("overflow", shutdown_timeout=5) as stream:
+
+            async def hold(task_status: trio.TaskStatus[None]) -> None:
+                async with stream.subscription(buffer=2, overflow=overflow) as sub:
+                    task_status.started()
+                    with contextlib.suppress(te.SubscriberDisconnected):
+                        async for _ in sub:
+                            await trio.sleep_forever()
+                    await trio.sleep_forever()
+
+            await outer.start(hold)
+            await stream.publish_many([{}] * 10, source=AGENT, type="t")
+            await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() - started < 1
+        outer.cancel_scope.cancel()
 
 
 # --- BLOCK ------------------------------------------------------------------------------------

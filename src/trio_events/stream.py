@@ -978,7 +978,9 @@ class EventStream:
             behind = [
                 key
                 for key, sub in self._subscribers.items()
-                if key not in self._actors and sub.cursor < last_id
+                if key not in self._actors
+                and sub.state is SubscriberState.CATCHING_UP  # not one that has stopped
+                and sub.cursor < last_id
             ]
             if not behind:
                 return
