@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -607,7 +608,7 @@ async def test_duplicate_subscription_is_value_error() -> None:
         {"retries": 1.5},
         {"max_failures": 1.5},
         {"backoff": float("nan")},
-        {"window": float("inf")},
+        {"window": float("nan")},
         {"backoff": True},
         {"on_stop": 5},
     ],
@@ -615,6 +616,12 @@ async def test_duplicate_subscription_is_value_error() -> None:
 def test_bad_supervision_arguments_are_value_errors(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(options))):
         te.Supervision(**options)
+
+
+def test_infinite_window_and_backoff_cap_are_allowed() -> None:
+    # "Stop after N failures in all", and "no cap on the backoff".
+    supervision = te.Supervision(max_failures=3, window=math.inf, max_backoff=math.inf)
+    assert supervision.retry_delay(20) == 0.05 * 2**19
 
 
 def test_retry_delay_doubles_and_caps() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -117,12 +116,11 @@ def _seconds(
     minimum: float, *, above: bool = False
 ) -> Callable[[object, attrs.Attribute[float], object], None]:
     def check(_: object, attribute: attrs.Attribute[float], value: object) -> None:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
+        # Infinity is allowed: a window that never ends, a backoff with no cap. NaN is not.
         if (
             not isinstance(value, int | float)
-            or not number
-            or not math.isfinite(value)
-            or (value <= minimum if above else value < minimum)
+            or isinstance(value, bool)
+            or not (value > minimum if above else value >= minimum)
         ):
             bound = f"> {minimum:g}" if above else f">= {minimum:g}"
             raise ValueError(f"{attribute.name} is a number of seconds {bound}, not {value!r}")
@@ -495,6 +493,7 @@ class _Subscriber:
                 exc.first_id - 1,
             )
             self.cursor = exc.first_id - 1
+            stream._caught_up_some()
             return
         except StoreError as exc:
             # The store is unreachable (Redis down longer than its outage timeout): this
@@ -528,6 +527,7 @@ class _Subscriber:
                 skip_to,
             )
             self.cursor = skip_to
+            stream._caught_up_some()
             return
         flt = self.filter
         registry = stream.registry
