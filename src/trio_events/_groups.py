@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["sole_exception"]
+__all__ = ["innermost_single", "sole_exception"]
 
 
 def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -14,3 +14,17 @@ def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | 
     if len(group.exceptions) == 1:
         return group.exceptions[0]
     return None
+
+
+def innermost_single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception at the bottom of nested one-exception groups, else None.
+
+    For command lines, which print a single error in one line however many nurseries it
+    crossed.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc

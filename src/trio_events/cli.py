@@ -39,6 +39,7 @@ import orjson
 import trio
 
 from . import __version__
+from ._groups import innermost_single
 from ._urls import safe_url
 from .errors import StreamLocked, TrioEventsError
 from .events import Event, EventSource, PayloadRegistry, encode_event
@@ -1106,22 +1107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BaseExceptionGroup as group:
         # Raised inside a nursery (binding the port, say): one such error is still just that.
-        leaf = _leaf(group)
+        leaf = innermost_single(group)
         if not isinstance(leaf, TrioEventsError | ValueError | OSError):
             raise
         print(f"trio-events {args.command}: {_user_message(args, leaf)}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The single exception at the bottom of nested one-exception groups, else None."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _user_message(args: argparse.Namespace, exc: BaseException) -> str:

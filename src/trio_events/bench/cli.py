@@ -22,6 +22,7 @@ from typing import Any, cast, get_args
 import attrs
 from rich.console import Console
 
+from .._groups import innermost_single
 from ..errors import TrioEventsError
 from ..subscribers import Overflow
 from .config import SCENARIOS, BenchConfig, Durability, Scenario, applies_to
@@ -403,16 +404,6 @@ def _run_sweep(
     return 1 if result.failed else 0
 
 
-def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception at the bottom of nested one-exception groups (Trio's), else None."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _could_not_run(command: str, exc: BaseException) -> int:
     """Say on one line why the runs could not go on (the error says what to fix); status 1."""
     print(f"{_PROG} {command}: {exc}", file=sys.stderr)
@@ -445,7 +436,7 @@ def main(argv: Sequence[str]) -> int:
         return _could_not_run(args.command, exc)
     except BaseExceptionGroup as group:
         # Trio raises a run's error inside a group: one such error is still just that.
-        leaf = _single_error(group)
+        leaf = innermost_single(group)
         if not isinstance(leaf, TrioEventsError | ValueError | OSError):
             raise
         return _could_not_run(args.command, leaf)
